@@ -1,0 +1,62 @@
+"""The one error hierarchy of anon-ticket.
+
+Client mistakes are `InvalidInput` (HTTP 400) or `NotFound` (404); anything that is worth
+retrying is `Unavailable` (503 with Retry-After); configuration problems are `ConfigError`
+(exit 2). The HTTP mapping lives in `actors/public.py` alone.
+"""
+
+from __future__ import annotations
+
+
+class AnonTicketError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class InvalidInput(AnonTicketError):
+    """A client sent something malformed; the message is safe to show to that client."""
+
+
+class InvalidPaymentId(InvalidInput):
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"invalid payment id: {reason}")
+
+
+class InvalidToken(InvalidInput):
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"invalid token: {reason}")
+
+
+class InvalidAddress(InvalidInput):
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"invalid address: {reason}")
+
+
+class NotFound(AnonTicketError):
+    """The thing asked for does not exist (or is not claimable yet)."""
+
+
+class Unavailable(AnonTicketError):
+    """A transient condition: an actor restarting, a lost batch, a deadline, draining.
+
+    The client should retry after `retry_after` seconds; nothing was done.
+    """
+
+    def __init__(self, reason: str, retry_after: int = 1) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class ConfigError(AnonTicketError):
+    """The configuration cannot be used; each problem is one line of the message."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class DataDirLocked(AnonTicketError):
+    """Another process holds the data directory."""
+
+
+class StorageError(AnonTicketError):
+    """The database refused or failed; never shown to clients verbatim."""
