@@ -1,0 +1,198 @@
+"""What actors ask and tell each other (pure, frozen)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from anon_ticket.domain.ids import PaymentId, ServiceToken
+
+# --- storage -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Redeem a payment id for its service token (exactly once; retries see the same token)."""
+
+    pid: PaymentId
+
+
+class ClaimStatus(Enum):
+    SUCCESS = "success"
+    ALREADY_CLAIMED = "already_claimed"
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    status: ClaimStatus
+    token: ServiceToken
+    balance: int
+
+
+@dataclass(frozen=True, slots=True)
+class LookupToken:
+    token: ServiceToken
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    revoked: bool
+    amount: int
+    issued_at: str
+    revoked_at: str | None
+    abuse_score: int
+    revoke_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Revoke:
+    token: ServiceToken
+    reason: str | None = None
+    abuse_score: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """A confirmed incoming transfer that qualifies for crediting."""
+
+    txid: bytes
+    pid: PaymentId
+    amount: int
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedTransfer:
+    """A transfer that does not qualify, kept for the operator (I7)."""
+
+    txid: bytes
+    reason: str
+    amount: int
+    height: int
+    payment_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordTransfers:
+    """Credit transfers and advance the cursor in one transaction (I1, I4)."""
+
+    transfers: tuple[Transfer, ...]
+    skipped: tuple[SkippedTransfer, ...] = ()
+    cursor: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    credited: int
+    new_pids: tuple[PaymentId, ...]
+    topped_up: tuple[PaymentId, ...]
+    cursor: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadCursor:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ListSkipped:
+    limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedRow:
+    txid: str
+    reason: str
+    amount: int
+    height: int
+    recorded_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class Backup:
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class BackupDone:
+    path: str
+    bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class StorageStats:
+    pass
+
+
+# --- filter --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """Ask the filter whether a payment id can possibly be claimable."""
+
+    pid: PaymentId
+
+
+class Presence(Enum):
+    ABSENT = "absent"  # Bloom negative: certainly never recorded
+    MAYBE = "maybe"  # ask storage
+
+
+@dataclass(frozen=True, slots=True)
+class AddPids:
+    """Recorded payment ids; the filter acknowledges by replying `ack` to the request."""
+
+    pids: tuple[PaymentId, ...]
+    ack: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheClaim:
+    """A committed claim: the positive cache may now answer `already_claimed` for it."""
+
+    pid: PaymentId
+    token: ServiceToken
+    balance: int
+
+
+@dataclass(frozen=True, slots=True)
+class Invalidate:
+    """A committed top-up or revoke: drop the cached answer."""
+
+    pids: tuple[PaymentId, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FilterStats:
+    pass
+
+
+# --- supervision ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ActorState:
+    name: str
+    state: str
+    uptime_secs: float | None
+    restarts: int
+    last_error: str | None
+    mailbox_depth: int | None
+    children: tuple[ActorState, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class TreeStatus:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class RestartActor:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    reason: str

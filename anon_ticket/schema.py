@@ -1,0 +1,115 @@
+"""The database schema and its migrations (sqlite-utils `Migrations`, stdlib sqlite3).
+
+Migrations run at start-up on a stdlib `sqlite3` connection, before the APSW writer opens
+(sqlite-utils cannot drive APSW). A backup is taken first when an existing database has
+anything to migrate; a database with migrations this version does not know is refused.
+
+Layout (binary ids: pid 8 bytes, txid and token 32 bytes):
+- `tickets`: one row per payment id ever credited. `amount` is the sum of its credited,
+  surviving transfers (before and after the claim: top-ups keep adding). Claiming sets `token`
+  and `claimed_at` in the same statement (I3), so a claimed ticket always has its token.
+- `transfers`: each qualifying chain transfer, once per (txid, pid) (I1).
+- `skipped`: transfers that did not qualify, with the reason (I7).
+- `state`: small named integers; `cursor` is the highest height fully scanned (I4).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from sqlite_utils import Database, Migrations
+
+from anon_ticket.errors import StorageError
+
+MIGRATION_SET = "anon_ticket"
+migrations = Migrations(MIGRATION_SET)
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE tickets (
+            pid BLOB PRIMARY KEY NOT NULL CHECK (length(pid) = 8),
+            amount INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            token BLOB UNIQUE CHECK (token IS NULL OR length(token) = 32),
+            claimed_at TEXT,
+            revoked_at TEXT,
+            revoke_reason TEXT,
+            abuse_score INTEGER NOT NULL DEFAULT 0,
+            CHECK ((token IS NULL) = (claimed_at IS NULL)),
+            CHECK (revoked_at IS NULL OR token IS NOT NULL)
+        ) WITHOUT ROWID;
+        CREATE TABLE transfers (
+            txid BLOB NOT NULL CHECK (length(txid) = 32),
+            pid BLOB NOT NULL REFERENCES tickets(pid),
+            amount INTEGER NOT NULL CHECK (amount > 0),
+            height INTEGER NOT NULL,
+            recorded_at TEXT NOT NULL,
+            vanished_at TEXT,
+            source TEXT NOT NULL DEFAULT 'chain',
+            PRIMARY KEY (txid, pid)
+        ) WITHOUT ROWID;
+        CREATE INDEX transfers_by_pid ON transfers (pid, height, txid);
+        CREATE TABLE skipped (
+            txid BLOB NOT NULL,
+            reason TEXT NOT NULL,
+            amount INTEGER NOT NULL,
+            height INTEGER NOT NULL,
+            payment_id TEXT,
+            recorded_at TEXT NOT NULL,
+            PRIMARY KEY (txid, reason)
+        ) WITHOUT ROWID;
+        CREATE TABLE state (
+            key TEXT PRIMARY KEY NOT NULL,
+            value INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        """
+    )
+
+
+KNOWN = tuple(m.name for m in migrations._migrations)
+
+
+class LegacyDatabase(StorageError):
+    """The file is the original anon-ticket's database, not ours."""
+
+
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def migrate(path: Path) -> list[str]:
+    """Bring the database at `path` to this version's schema; return the migrations applied."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        tables = _tables(conn)
+        if "payments" in tables and "_sqlite_migrations" not in tables:
+            raise LegacyDatabase(
+                f"{path} is the original anon-ticket's database; "
+                f"import it with: anon-ticket db import-legacy {path}"
+            )
+        db = Database(conn)
+        applied = [m.name for m in migrations.applied(db)]
+        unknown = [name for name in applied if name not in KNOWN]
+        if unknown:
+            raise StorageError(
+                f"{path} was written by a newer anon-ticket (unknown migrations: "
+                f"{', '.join(unknown)}); refusing to open it"
+            )
+        pending = [m.name for m in migrations.pending(db)]
+        if pending and applied:
+            backup = path.with_name(f"{path.name}.pre-{pending[0]}-{int(time.time())}.bak")
+            dest = sqlite3.connect(backup)
+            with dest:
+                conn.backup(dest)
+            dest.close()
+        conn.execute("PRAGMA journal_mode = WAL")
+        migrations.apply(db)
+        return pending
+    finally:
+        conn.close()
