@@ -1,0 +1,159 @@
+"""The filter actor: a Bloom filter of every recorded payment id, and a positive cache.
+
+- Bloom (I8): sized max(configured entries, 2 x recorded ids), seeded at random per run, and
+  prewarmed by streaming the recorded ids from its own read-only connection in a worker thread
+  (no full list in memory, nothing slow on the loop). Its mailbox serves only once prewarm is
+  done, so a restarting filter answers 503 (through the mailbox), never a 404 from a half-built
+  filter. Additions come from storage after COMMIT and are acknowledged to the requester.
+- Cache: the `already_claimed` answer (token, balance) of recently claimed ids, filled and
+  invalidated by storage in commit order; bounded in size and age.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import apsw
+import trio
+
+from anon_ticket.domain.bloom import BloomFilter
+from anon_ticket.domain.ids import PaymentId
+from anon_ticket.domain.messages import (
+    AddPids,
+    CacheClaim,
+    Claimed,
+    ClaimStatus,
+    FilterStats,
+    Invalidate,
+    Lookup,
+    Presence,
+)
+from anon_ticket.logs import get_logger
+from anon_ticket.metrics import Metrics
+from supervisors.mailbox import Envelope, Mailbox
+
+log = get_logger("filter")
+
+
+@dataclass(frozen=True, slots=True)
+class FilterConfig:
+    db_path: Path
+    bloom_entries: int  # 0: no Bloom filter (every lookup is "maybe")
+    bloom_fp_rate: float
+    cache_ttl: float
+    cache_capacity: int
+
+
+def build_bloom(config: FilterConfig, seed: int) -> BloomFilter:
+    """Size and fill the filter from the database, streaming (runs in a worker thread)."""
+    conn = apsw.Connection(str(config.db_path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        with conn:  # one read snapshot: additions committed later arrive by message
+            row = conn.execute("SELECT count(*) FROM tickets").fetchone()
+            count = int(row[0]) if row else 0
+            bloom = BloomFilter.for_capacity(max(config.bloom_entries, 2 * count, 1),
+                                             config.bloom_fp_rate, seed)
+            add = bloom.add
+            for (pid,) in conn.execute("SELECT pid FROM tickets"):
+                add(pid)
+    finally:
+        conn.close()
+    return bloom
+
+
+class Filter:
+    name = "filter"
+
+    def __init__(self, config: FilterConfig, mailbox: Mailbox[Any], metrics: Metrics) -> None:
+        self.config = config
+        self.mailbox = mailbox
+        self.metrics = metrics
+        self.bloom: BloomFilter | None = None
+        self._cache: OrderedDict[bytes, tuple[float, Claimed]] = OrderedDict()
+        self._added = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if self.config.bloom_entries > 0:
+            started = time.perf_counter()
+            self.bloom = await trio.to_thread.run_sync(
+                build_bloom, self.config, secrets.randbits(64))
+            self.metrics.bloom_entries.set(len(self.bloom))
+            log.info("bloom filter ready", entries=len(self.bloom), bits=self.bloom.bits,
+                     hashes=self.bloom.hashes, memory_bytes=self.bloom.nbytes,
+                     fp_rate=self.config.bloom_fp_rate,
+                     seconds=round(time.perf_counter() - started, 3))
+        else:
+            log.warning("no bloom filter: every redeem of an unknown id reaches storage")
+        task_status.started()
+        handlers = {
+            Lookup: self._lookup,
+            AddPids: self._add,
+            CacheClaim: self._cache_claim,
+            Invalidate: self._invalidate,
+            FilterStats: self._stats,
+        }
+        env: Envelope[Any]
+        async for env in self.mailbox.inbox:
+            handlers[type(env.msg)](env)
+
+    def _lookup(self, env: Envelope[Any]) -> None:
+        pid: PaymentId = env.msg.pid
+        key = pid.raw
+        bloom = self.bloom
+        if bloom is not None and key not in bloom:
+            self.metrics.redeem_cache_hints.labels("bloom_negative").inc()
+            env.reply(Presence.ABSENT)
+            return
+        hit = self._cache.get(key)
+        if hit is not None:
+            if hit[0] > trio.current_time():
+                self.metrics.redeem_cache_hints.labels("cache_hit").inc()
+                env.reply(hit[1])
+                return
+            del self._cache[key]
+        self.metrics.redeem_cache_hints.labels("maybe").inc()
+        env.reply(Presence.MAYBE)
+
+    def _add(self, env: Envelope[Any]) -> None:
+        msg: AddPids = env.msg
+        if self.bloom is not None:
+            for pid in msg.pids:
+                self.bloom.add(pid.raw)
+            self.metrics.bloom_entries.set(len(self.bloom))
+        env.reply(msg.ack)
+
+    def _cache_claim(self, env: Envelope[Any]) -> None:
+        msg: CacheClaim = env.msg
+        if self.config.cache_ttl <= 0 or self.config.cache_capacity <= 0:
+            return
+        cache = self._cache
+        cache[msg.pid.raw] = (
+            trio.current_time() + self.config.cache_ttl,
+            Claimed(ClaimStatus.ALREADY_CLAIMED, msg.token, msg.balance),
+        )
+        cache.move_to_end(msg.pid.raw)
+        while len(cache) > self.config.cache_capacity:
+            cache.popitem(last=False)
+
+    def _invalidate(self, env: Envelope[Any]) -> None:
+        for pid in env.msg.pids:
+            self._cache.pop(pid.raw, None)
+
+    def _stats(self, env: Envelope[Any]) -> None:
+        bloom = self.bloom
+        env.reply({
+            "enabled": bloom is not None,
+            "entries": len(bloom) if bloom else 0,
+            "bits": bloom.bits if bloom else 0,
+            "hashes": bloom.hashes if bloom else 0,
+            "memory_bytes": bloom.nbytes if bloom else 0,
+            "configured_fp_rate": self.config.bloom_fp_rate,
+            "expected_fp_rate": bloom.expected_fp_rate(len(bloom)) if bloom else None,
+            "cache_entries": len(self._cache),
+            "cache_capacity": self.config.cache_capacity,
+        })

@@ -1,0 +1,203 @@
+"""The internal listener: operators only (I9), on a unix socket (0600 in a 0700 directory).
+
+Loopback TCP is allowed as in the original (with a start-up warning unless a bearer token is
+set); a non-loopback bind requires the token (checked by the configuration). HTTP, so operators
+can use `curl --unix-socket`. Every state-changing command is logged as an audit line.
+"""
+
+from __future__ import annotations
+
+import hmac
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from quart import Response, request
+from quart_trio import QuartTrio
+
+from anon_ticket.domain.ids import ServiceToken
+from anon_ticket.domain.messages import (
+    ActorState,
+    Backup,
+    FilterStats,
+    ListSkipped,
+    RestartActor,
+    Revoke,
+    Shutdown,
+    StorageStats,
+    TreeStatus,
+)
+from anon_ticket.errors import AnonTicketError, InvalidInput
+from anon_ticket.logs import get_logger
+from anon_ticket.metrics import Metrics
+from anon_ticket.web import (
+    bind_tcp,
+    bind_unix,
+    describe_socket,
+    install_error_handlers,
+    json_error,
+    json_response,
+    read_json_object,
+    serve_app,
+)
+from supervisors.mailbox import Mailbox
+
+log = get_logger("internal")
+
+I16 = (-32768, 32767)
+
+
+@dataclass(frozen=True, slots=True)
+class InternalConfig:
+    unix_socket: Path | None
+    host: str | None
+    port: int | None
+    token: str | None
+    max_body_bytes: int
+    request_timeout: float
+    grace: float
+
+
+def state_json(s: ActorState) -> dict[str, Any]:
+    return {
+        "name": s.name,
+        "state": s.state,
+        "uptime_secs": None if s.uptime_secs is None else round(s.uptime_secs, 3),
+        "restarts": s.restarts,
+        "last_error": s.last_error,
+        "mailbox_depth": s.mailbox_depth,
+        "children": [state_json(c) for c in s.children],
+    }
+
+
+class Internal:
+    name = "internal"
+
+    def __init__(self, config: InternalConfig, *, storage: Mailbox[Any], filter_: Mailbox[Any],
+                 supervisor: Mailbox[Any], mailboxes: dict[str, Mailbox[Any]],
+                 metrics: Metrics) -> None:
+        self.config = config
+        self.storage = storage
+        self.filter = filter_
+        self.supervisor = supervisor
+        self.mailboxes = mailboxes
+        self.metrics = metrics
+        self._stop = trio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _bind(self) -> socket.socket:
+        if self.config.unix_socket is not None:
+            return bind_unix(self.config.unix_socket, 0o600, dir_mode=0o700)
+        assert self.config.host is not None and self.config.port is not None
+        return bind_tcp(self.config.host, self.config.port)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        sock = self._bind()
+        try:
+            log.info("internal listener serving", address=describe_socket(sock))
+            await serve_app(self.create_app(), sock, grace=self.config.grace,
+                            shutdown=self._stop.wait, task_status=task_status)
+        finally:
+            sock.close()
+            if self.config.unix_socket is not None:
+                self.config.unix_socket.unlink(missing_ok=True)
+
+    def create_app(self) -> QuartTrio:
+        app = QuartTrio("anon_ticket.internal")
+        app.config["MAX_CONTENT_LENGTH"] = self.config.max_body_bytes
+        install_error_handlers(app)
+        cfg = self.config
+        timeout = cfg.request_timeout
+        expected = f"Bearer {cfg.token}".encode() if cfg.token else None
+
+        @app.before_request
+        async def _auth() -> Response | None:
+            if expected is None:
+                return None
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return json_error(401, "unauthorized")
+            return None
+
+        async def body() -> dict[str, Any]:
+            if not await request.get_data(cache=True):
+                return {}
+            return await read_json_object(request, cfg.max_body_bytes)
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            for name, mb in self.mailboxes.items():
+                self.metrics.mailbox_depth.labels(name).set(mb.depth)
+            return Response(generate_latest(self.metrics.registry), status=200,
+                            content_type=CONTENT_TYPE_LATEST)
+
+        @app.post("/api/v1/token/<token>/revoke")
+        async def revoke(token: str) -> Response:
+            tok = ServiceToken.parse(token)
+            data = await body()
+            reason = data.get("reason")
+            score = data.get("abuse_score")
+            if reason is not None and (not isinstance(reason, str) or len(reason) > 1024):
+                raise InvalidInput("invalid request: `reason` must be a string of at most "
+                                   "1024 characters")
+            if score is not None and (type(score) is not int or not I16[0] <= score <= I16[1]):
+                raise InvalidInput("invalid request: `abuse_score` must be an integer "
+                                   "from -32768 to 32767")
+            info = await self.storage.ask(Revoke(tok, reason, score), timeout)
+            log.info("audit: revoke", token=tok.redacted(), abuse_score=info.abuse_score)
+            return json_response({
+                "status": "revoked", "amount": info.amount, "issued_at": info.issued_at,
+                "revoked_at": info.revoked_at, "abuse_score": info.abuse_score,
+                "reason": info.revoke_reason,
+            })
+
+        @app.get("/admin/status")
+        async def status() -> Response:
+            tree = await self.supervisor.ask(TreeStatus(), timeout)
+            try:
+                stats = await self.storage.ask(StorageStats(), timeout)
+            except AnonTicketError as exc:
+                stats = {"error": str(exc)}
+            return json_response({"actors": [state_json(s) for s in tree], "storage": stats})
+
+        @app.get("/admin/bloom")
+        async def bloom() -> Response:
+            return json_response(await self.filter.ask(FilterStats(), timeout))
+
+        @app.get("/admin/skipped")
+        async def skipped() -> Response:
+            raw = request.args.get("limit", "100")
+            if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
+                raise InvalidInput("invalid request: limit must be an integer from 1 to 10000")
+            rows = await self.storage.ask(ListSkipped(int(raw)), timeout)
+            return json_response({"skipped": [
+                {"txid": r.txid, "reason": r.reason, "amount": r.amount, "height": r.height,
+                 "recorded_at": r.recorded_at} for r in rows]})
+
+        @app.post("/admin/backup")
+        async def backup() -> Response:
+            data = await body()
+            path = data.get("path")
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise InvalidInput("invalid request: `path` must be an absolute path")
+            log.info("audit: backup", path=path)
+            done = await self.storage.ask(Backup(path), max(timeout, 600.0))
+            return json_response({"path": done.path, "bytes": done.bytes,
+                                  "seconds": round(done.seconds, 3)})
+
+        @app.post("/admin/actors/<name>/restart")
+        async def restart(name: str) -> Response:
+            await self.supervisor.ask(RestartActor(name), timeout)
+            return json_response({"restarted": name})
+
+        @app.post("/admin/shutdown")
+        async def shutdown() -> Response:
+            await self.supervisor.ask(Shutdown("operator command"), timeout)
+            return json_response({"status": "shutting down"})
+
+        return app

@@ -1,0 +1,5 @@
+import sys
+
+from anon_ticket.cli import main
+
+sys.exit(main())

@@ -1,0 +1,252 @@
+"""The `anon-ticket` command line.
+
+Global flags (every setting, `--config`) go before the subcommand. Exit codes: 0 ok,
+1 failure, 2 usage or configuration, 3 not found (a redeem or token lookup that got 404),
+4 timed out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from anon_ticket import __version__, logs
+from anon_ticket.config import Settings, add_setting_flags, cli_values, load_settings
+from anon_ticket.datadir import DataDir
+from anon_ticket.errors import (
+    AnonTicketError,
+    ConfigError,
+    DataDirLocked,
+    InvalidInput,
+    StorageError,
+)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="anon-ticket",
+        description="Anonymous access tickets sold for Monero.",
+    )
+    p.add_argument("--version", action="version", version=f"anon-ticket {__version__}")
+    add_setting_flags(p)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("serve", help="run the service (needs MONERO_RPC_URL)")
+
+    pid = sub.add_parser("pid", help="payment ids").add_subparsers(dest="pid_cmd", required=True)
+    new = pid.add_parser("new", help="draw a payment id and build its integrated address")
+    new.add_argument("--address", required=True, help="the operator's primary address")
+
+    ctl = sub.add_parser("ctl", help="steer a running server over its internal socket")
+    ctl.add_argument("--socket", help="internal unix socket (default: the server's)")
+    csub = ctl.add_subparsers(dest="ctl_cmd", required=True)
+    csub.add_parser("status", help="the actor tree and storage counters")
+    csub.add_parser("bloom", help="Bloom filter and cache figures")
+    sk = csub.add_parser("skipped", help="transfers that did not qualify")
+    sk.add_argument("--limit", type=int, default=100)
+    rv = csub.add_parser("revoke", help="revoke a service token")
+    rv.add_argument("token")
+    rv.add_argument("--reason")
+    rv.add_argument("--abuse-score", type=int)
+    bk = csub.add_parser("backup", help="online backup written by the server")
+    bk.add_argument("path")
+    rs = csub.add_parser("restart", help="restart one actor")
+    rs.add_argument("actor")
+    csub.add_parser("shutdown", help="stop the server gracefully")
+
+    db = sub.add_parser("db", help="database maintenance").add_subparsers(
+        dest="db_cmd", required=True)
+    b = db.add_parser("backup", help="consistent backup (works while a server runs)")
+    b.add_argument("path")
+    r = db.add_parser("restore", help="replace the database from a backup (server stopped)")
+    r.add_argument("path")
+    db.add_parser("check", help="check the invariants of the database")
+    imp = db.add_parser("import-legacy", help="import the original anon-ticket's database")
+    imp.add_argument("path")
+    imp.add_argument("--rescan-from", type=int, help="make the poller rescan from this height")
+    return p
+
+
+def _settings(args: argparse.Namespace, env: dict[str, str] | None = None) -> Settings:
+    config_file = Path(args.config) if getattr(args, "config", None) else None
+    return load_settings(cli_values(args), env if env is not None else dict(os.environ),
+                         config_file)
+
+
+def _print(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"anon-ticket: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    default, targets = settings.log_levels()
+    logs.configure(default, targets, settings.log_format)
+    try:
+        if args.command == "serve":
+            return _serve(settings)
+        if args.command == "pid":
+            return _pid_new(args.address)
+        if args.command == "ctl":
+            return _ctl(settings, args)
+        if args.command == "db":
+            return _db(settings, args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"anon-ticket: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except InvalidInput as exc:
+        print(f"anon-ticket: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (AnonTicketError, OSError) as exc:
+        print(f"anon-ticket: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_USAGE
+
+
+def _serve(settings: Settings) -> int:
+    import trio
+
+    from supervisors.tree import run_server
+
+    if not settings.monero_rpc_url:
+        print("anon-ticket: serve needs a chain: set MONERO_RPC_URL (a monero-wallet-rpc "
+              "URL, e.g. http://127.0.0.1:18083/json_rpc)", file=sys.stderr)
+        return EXIT_USAGE
+    return trio.run(run_server, settings)
+
+
+def _pid_new(address: str) -> int:
+    from anon_ticket.domain.address import integrated_address
+    from anon_ticket.domain.ids import PaymentId
+
+    pid = PaymentId.generate()
+    ia = integrated_address(address, pid)
+    print(f"Payment ID: {pid.hex()}")
+    print(f"Integrated address: {ia}")
+    return EXIT_OK
+
+
+# --- ctl: the internal socket -------------------------------------------------------------
+
+
+def _client(settings: Settings, socket_path: str | None) -> httpx.Client:
+    headers = {}
+    if settings.internal_token:
+        headers["Authorization"] = f"Bearer {settings.internal_token}"
+    if socket_path or settings.internal_socket_path:
+        path = socket_path or str(settings.internal_socket_path)
+        return httpx.Client(transport=httpx.HTTPTransport(uds=path), base_url="http://internal",
+                            headers=headers, timeout=httpx.Timeout(30.0, read=660.0))
+    assert settings.internal_bind is not None
+    host, port = settings.internal_bind
+    return httpx.Client(base_url=f"http://{host}:{port}", headers=headers, timeout=30.0)
+
+
+def _ctl(settings: Settings, args: argparse.Namespace) -> int:
+    cmd = args.ctl_cmd
+    routes: dict[str, tuple[str, str, Any]] = {
+        "status": ("GET", "/admin/status", None),
+        "bloom": ("GET", "/admin/bloom", None),
+        "skipped": ("GET", f"/admin/skipped?limit={getattr(args, 'limit', 100)}", None),
+        "shutdown": ("POST", "/admin/shutdown", {}),
+    }
+    if cmd == "revoke":
+        body: dict[str, Any] = {}
+        if args.reason is not None:
+            body["reason"] = args.reason
+        if args.abuse_score is not None:
+            body["abuse_score"] = args.abuse_score
+        routes["revoke"] = ("POST", f"/api/v1/token/{args.token}/revoke", body)
+    elif cmd == "backup":
+        routes["backup"] = ("POST", "/admin/backup", {"path": str(Path(args.path).resolve())})
+    elif cmd == "restart":
+        routes["restart"] = ("POST", f"/admin/actors/{args.actor}/restart", {})
+    method, path, body = routes[cmd]
+    try:
+        with _client(settings, args.socket) as client:
+            resp = client.request(method, path, json=body)
+    except httpx.TransportError as exc:
+        print(f"anon-ticket: cannot reach the internal socket: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        data = resp.json()
+    except ValueError:
+        data = None
+    if resp.status_code >= 400:
+        text = data.get("error") if isinstance(data, dict) else resp.text
+        print(f"anon-ticket: {resp.status_code} {text}", file=sys.stderr)
+        if resp.status_code == 404:
+            return EXIT_NOT_FOUND
+        return EXIT_USAGE if resp.status_code < 500 else EXIT_FAILURE
+    _print(data)
+    return EXIT_OK
+
+
+# --- db -------------------------------------------------------------------------------------
+
+
+def _db(settings: Settings, args: argparse.Namespace) -> int:
+    from anon_ticket import audit, backup
+
+    datadir = DataDir(settings.data_dir)
+    db_path = settings.database_path
+    if args.db_cmd == "backup":
+        result = backup.write_backup(db_path, datadir.secret_path, Path(args.path))
+        print(f"backup written: {result.path} ({result.bytes} bytes, {result.seconds:.2f} s)")
+        return EXIT_OK
+    if args.db_cmd == "check":
+        problems = audit.check_database(db_path)
+        for line in problems:
+            print(f"problem: {line}")
+        if problems:
+            return EXIT_FAILURE
+        _print(audit.summary(db_path))
+        print("ok")
+        return EXIT_OK
+    # Writers: refuse while a server holds the data directory.
+    datadir.ensure()
+    try:
+        lock = datadir.lock()
+    except DataDirLocked as exc:
+        print(f"anon-ticket: {exc}; stop it first", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        if args.db_cmd == "restore":
+            backup.restore_backup(Path(args.path), db_path, datadir.secret_path)
+            problems = audit.check_database(db_path)
+            print(f"restored {db_path.name} from {args.path}")
+            for line in problems:
+                print(f"problem: {line}")
+            return EXIT_FAILURE if problems else EXIT_OK
+        if args.db_cmd == "import-legacy":
+            from anon_ticket.legacy import import_legacy
+
+            report = import_legacy(Path(args.path), db_path, rescan_from=args.rescan_from)
+            for line in report.lines():
+                print(line)
+            return EXIT_OK
+    except StorageError as exc:
+        print(f"anon-ticket: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        lock.release()
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

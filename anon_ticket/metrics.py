@@ -1,0 +1,65 @@
+"""Prometheus metrics: one registry per process, created by the tree and passed to actors.
+
+Names of the original are kept (`api_redeem_requests_total`, ...); ours are added beside them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import disable_created_metrics as _disable_created
+
+_disable_created()  # type: ignore[no-untyped-call]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        # --- the original's names
+        self.redeem_requests = Counter(
+            "api_redeem_requests", "Redeem requests by outcome", ["status"], registry=r)
+        self.redeem_cache_hints = Counter(
+            "api_redeem_cache_hints", "Filter answers on the redeem path", ["hint"], registry=r)
+        self.redeem_bloom_db_miss = Counter(
+            "api_redeem_bloom_db_miss",
+            "Bloom said maybe, storage said not found (false positives and unconfirmed pids)",
+            registry=r)
+        self.token_requests = Counter(
+            "api_token_requests", "Token requests by endpoint and outcome",
+            ["endpoint", "status"], registry=r)
+        self.wallet_height = Gauge("monitor_wallet_height", "Wallet height", registry=r)
+        self.last_height = Gauge("monitor_last_height", "Highest height fully scanned",
+                                 registry=r)
+        self.rpc_calls = Counter("monitor_rpc_calls", "wallet-rpc calls by result", ["result"],
+                                 registry=r)
+        self.payments_ingested = Counter(
+            "monitor_payments_ingested", "Transfers seen by the poller, by result", ["result"],
+            registry=r)
+        # --- ours
+        self.storage_requests = Counter(
+            "anon_ticket_storage_requests", "Requests handled by the storage actor", ["kind"],
+            registry=r)
+        self.batch_size = Histogram(
+            "anon_ticket_storage_batch_size", "Requests per group commit",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
+        self.commit_seconds = Histogram(
+            "anon_ticket_storage_commit_seconds", "Time to run and commit one batch",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r)
+        self.batches_failed = Counter(
+            "anon_ticket_storage_batches_failed", "Batches whose transaction was lost",
+            registry=r)
+        self.expired_dropped = Counter(
+            "anon_ticket_storage_expired_dropped", "Requests dropped because their deadline passed",
+            registry=r)
+        self.restarts = Counter("anon_ticket_actor_restarts", "Actor restarts", ["actor"],
+                                registry=r)
+        self.mailbox_depth = Gauge("anon_ticket_mailbox_depth", "Envelopes waiting", ["actor"],
+                                   registry=r)
+        self.poll_lag = Gauge("anon_ticket_poll_lag_blocks",
+                              "Wallet height minus the highest height scanned", registry=r)
+        self.last_poll_age = Gauge("anon_ticket_last_successful_poll_age_seconds",
+                                   "Seconds since the last successful poll", registry=r)
+        self.bloom_entries = Gauge("anon_ticket_bloom_entries", "Payment ids in the Bloom filter",
+                                   registry=r)
+        self.alerts = Counter("anon_ticket_alerts", "Conditions an operator must look at",
+                              ["kind"], registry=r)

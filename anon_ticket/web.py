@@ -1,0 +1,199 @@
+"""HTTP plumbing shared by the listeners: sockets we bind ourselves, JSON errors, hypercorn.
+
+Sockets (I9): hypercorn would unlink whatever sits at a `unix:` path and set modes through the
+process umask, so we bind the socket ourselves and hand hypercorn the file descriptor. Only a
+stale socket (S_ISSOCK and connection refused) is removed; a live one or any other file is an
+error. The mapping of errors to HTTP responses lives here alone (I10).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HyperConfig
+from hypercorn.trio import serve as hyper_serve
+from quart import Response
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from anon_ticket.errors import (
+    AnonTicketError,
+    ConfigError,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+)
+from anon_ticket.logs import get_logger
+
+log = get_logger("web")
+
+MAX_UNIX_PATH = 107
+JSON = "application/json"
+
+_HTTP_TEXT = {
+    400: "bad request",
+    404: "not found",
+    405: "method not allowed",
+    408: "request timeout",
+    411: "length required",
+    413: "request body too large",
+    414: "request uri too long",
+    415: "unsupported media type",
+    431: "request header fields too large",
+}
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None
+                  ) -> Response:
+    return Response(json.dumps(body, separators=(",", ":")), status=status,
+                    content_type=JSON, headers=headers)
+
+
+def json_error(status: int, text: str, retry_after: int | None = None) -> Response:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return json_response({"error": text}, status, headers)
+
+
+def error_response(exc: AnonTicketError) -> Response:
+    """The one mapping from our errors to HTTP."""
+    if isinstance(exc, InvalidInput):
+        return json_error(400, str(exc))
+    if isinstance(exc, NotFound):
+        return json_error(404, str(exc) or "not found")
+    if isinstance(exc, Unavailable):
+        return json_error(503, "service temporarily unavailable", exc.retry_after)
+    log.error("internal error", error=type(exc).__name__)
+    return json_error(500, "internal error")
+
+
+def install_error_handlers(app: QuartTrio) -> None:
+    """JSON bodies for our errors and for the framework's own 4xx/5xx (Quart's are HTML)."""
+
+    @app.errorhandler(HTTPException)
+    async def _http(exc: HTTPException) -> Response:
+        code = exc.code or 500
+        return json_error(code, _HTTP_TEXT.get(code, "bad request" if code < 500 else "error"))
+
+    @app.errorhandler(AnonTicketError)
+    async def _ours(exc: AnonTicketError) -> Response:
+        return error_response(exc)
+
+    @app.errorhandler(Exception)
+    async def _bug(exc: Exception) -> Response:
+        log.error("unhandled error", error=type(exc).__name__)
+        return json_error(500, "internal error")
+
+
+async def read_json_object(request: Any, max_bytes: int) -> dict[str, Any]:
+    """The body as a JSON object, or InvalidInput with a clear reason (never a traceback)."""
+    if request.mimetype != JSON:
+        raise InvalidInput("invalid request: content type must be application/json")
+    body = await request.get_data(cache=False)
+    if len(body) > max_bytes:
+        raise InvalidInput("invalid request: body too large")
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise InvalidInput("invalid request: body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("invalid request: body must be a JSON object")
+    return data
+
+
+# --- sockets --------------------------------------------------------------------------------
+
+
+def check_unix_path(path: Path, what: str) -> None:
+    if len(os.fsencode(path)) > MAX_UNIX_PATH:
+        raise ConfigError([f"{what}: unix socket path {path} is longer than {MAX_UNIX_PATH} "
+                           "bytes; choose a shorter path"])
+
+
+def _remove_if_stale(path: Path) -> None:
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError([f"{path} exists and is not a socket; refusing to replace it"])
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        log.info("removing stale socket", path=str(path))
+        path.unlink()
+        return
+    except OSError as exc:
+        raise ConfigError([f"cannot probe socket {path}: {exc.strerror}"]) from None
+    finally:
+        probe.close()
+    raise ConfigError([f"{path} is a live socket: another process listens there"])
+
+
+def bind_unix(path: Path, mode: int, dir_mode: int | None = None) -> socket.socket:
+    """Bind and listen on a unix socket with exactly `mode` (independent of the umask)."""
+    check_unix_path(path, "socket")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if dir_mode is not None:
+        os.chmod(path.parent, dir_mode)
+    _remove_if_stale(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o777 ^ mode)
+    try:
+        sock.bind(str(path))
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError([f"{host}:{port} is already in use"]) from None
+        raise ConfigError([f"cannot bind {host}:{port}: {exc.strerror}"]) from None
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def describe_socket(sock: socket.socket) -> str:
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{sock.getsockname()}"
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def serve_app(app: QuartTrio, sock: socket.socket, *, grace: float,
+                    shutdown: Callable[[], Awaitable[None]],
+                    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+    cfg = HyperConfig()
+    # hypercorn wraps the descriptor in a socket object it closes itself: give it a duplicate
+    # so our socket (and the unix path it guards) stays ours to close.
+    cfg.bind = [f"fd://{os.dup(sock.fileno())}"]
+    cfg.accesslog = None  # token paths are in URLs: no access log
+    cfg.errorlog = logging.getLogger("hypercorn.error")
+    cfg.graceful_timeout = grace
+    cfg.include_server_header = False
+    cfg.keep_alive_timeout = 30
+    await hyper_serve(app, cfg, shutdown_trigger=shutdown, task_status=task_status)

@@ -1,0 +1,108 @@
+"""Mailboxes: the only way actors talk (trio memory channels).
+
+A mailbox is owned by the supervisor, so it outlives any one run of its actor: requests sent
+while the actor restarts wait for the next run (and their own deadline). A request carries its
+own reply channel and a deadline (I11); a requester that gives up closes its reply channel, and
+the actor's reply to it is dropped quietly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import trio
+
+from anon_ticket.errors import AnonTicketError, Unavailable
+
+M = TypeVar("M")
+R = TypeVar("R")
+
+
+@dataclass(slots=True)
+class Failure:
+    """An actor's answer that is an error for the requester to raise."""
+
+    error: AnonTicketError
+
+
+@dataclass(slots=True)
+class Envelope(Generic[M]):
+    msg: M
+    reply_to: trio.MemorySendChannel[Any] | None
+    deadline: float
+
+    def expired(self, now: float) -> bool:
+        return now >= self.deadline
+
+    def reply(self, value: object) -> None:
+        """Answer once; a requester that already gave up is not an error."""
+        if self.reply_to is None:
+            return
+        try:
+            self.reply_to.send_nowait(value)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+            pass
+        self.reply_to = None
+
+    def fail(self, error: AnonTicketError) -> None:
+        self.reply(Failure(error))
+
+
+class Mailbox(Generic[M]):
+    """A bounded queue of envelopes plus whether its actor is serving now."""
+
+    def __init__(self, name: str, capacity: int = 4096) -> None:
+        self.name = name
+        self.capacity = capacity
+        self._send, self.inbox = trio.open_memory_channel[Envelope[M]](capacity)
+        self.serving = False
+
+    @property
+    def depth(self) -> int:
+        return self._send.statistics().current_buffer_used
+
+    def _unavailable(self) -> Unavailable:
+        return Unavailable(f"{self.name} is not available", retry_after=1)
+
+    async def ask(self, msg: M, timeout: float) -> Any:
+        """Send `msg` and wait for the answer until `timeout` seconds pass (then Unavailable).
+
+        Fails at once when the actor is not serving (restarting or stopped): a request never
+        hangs on a dead actor, and it is never answered from a half-built state.
+        """
+        if not self.serving:
+            raise self._unavailable()
+        deadline = trio.current_time() + timeout
+        reply_send, reply_recv = trio.open_memory_channel[Any](1)
+        with reply_recv, trio.move_on_at(deadline):
+            try:
+                self._send.send_nowait(Envelope(msg, reply_send, deadline))
+            except trio.WouldBlock:
+                await self._send.send(Envelope(msg, reply_send, deadline))
+            answer = await reply_recv.receive()
+            if isinstance(answer, Failure):
+                raise answer.error
+            return answer
+        raise Unavailable(f"{self.name} did not answer in time", retry_after=1)
+
+    def tell(self, msg: M) -> None:
+        """Send without waiting for an answer; raises Unavailable when the mailbox is full."""
+        try:
+            self._send.send_nowait(Envelope(msg, None, math.inf))
+        except trio.WouldBlock:
+            raise self._unavailable() from None
+
+    async def tell_wait(self, msg: M) -> None:
+        """Send without an answer, waiting for room: for messages that must not be lost."""
+        await self._send.send(Envelope(msg, None, math.inf))
+
+    def forward(self, msg: M, envelope: Envelope[Any]) -> None:
+        """Pass `msg` on with `envelope`'s reply channel and deadline: the next actor answers."""
+        try:
+            self._send.send_nowait(Envelope(msg, envelope.reply_to, envelope.deadline))
+        except trio.WouldBlock:
+            envelope.fail(self._unavailable())
+            return
+        envelope.reply_to = None

@@ -1,0 +1,207 @@
+"""The supervision tree of one anon-ticket process, read top to bottom.
+
+```
+root (one-for-one)
+├── core (rest-for-one: the filter is fed by storage, so it restarts after it)
+│   ├── storage    single writer, group commit
+│   └── filter     Bloom filter + positive cache, prewarmed from the database
+├── public         redeem, token, info, healthz (serves once core is ready)
+└── internal       unix socket: metrics, revoke, admin commands
+```
+
+Before anything starts: the signal receiver opens (a stop during start-up is graceful), the
+data directory is locked, and the schema is migrated. Exit codes: 0 after a graceful stop,
+1 when the root supervisor escalates, 2 for a configuration error.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import apsw
+import trio
+
+from actors.filter import Filter, FilterConfig
+from actors.internal import Internal, InternalConfig
+from actors.public import Public, PublicConfig
+from actors.storage import Storage, StorageConfig
+from anon_ticket import schema
+from anon_ticket.config import Settings
+from anon_ticket.datadir import DataDir
+from anon_ticket.domain.address import network_of
+from anon_ticket.domain.tokens import Derivation
+from anon_ticket.errors import AnonTicketError, ConfigError, DataDirLocked, StorageError
+from anon_ticket.logs import get_logger
+from anon_ticket.metrics import Metrics
+from supervisors.mailbox import Mailbox
+from supervisors.supervisor import Backoff, ChildSpec, Escalation, Runnable, Strategy, Supervisor
+
+log = get_logger("tree")
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+@dataclass
+class Mailboxes:
+    storage: Mailbox[Any] = field(default_factory=lambda: Mailbox("storage", 8192))
+    filter: Mailbox[Any] = field(default_factory=lambda: Mailbox("filter", 65536))
+    root: Mailbox[Any] = field(default_factory=lambda: Mailbox("supervisor", 64))
+
+    def by_name(self) -> dict[str, Mailbox[Any]]:
+        return {"storage": self.storage, "filter": self.filter}
+
+
+@dataclass
+class Tree:
+    root: Supervisor
+    mailboxes: Mailboxes
+    metrics: Metrics
+
+
+def _nested_status(actor: Runnable) -> Any:
+    assert isinstance(actor, Supervisor)
+    return actor.status()
+
+
+def _stop_listener(actor: Runnable) -> None:
+    assert isinstance(actor, Public | Internal)
+    actor.stop()
+
+
+def build_tree(settings: Settings, secret: bytes, *,
+               storage_factory: Callable[..., Storage] = Storage,
+               on_open: Callable[[apsw.Connection], None] | None = None) -> Tree:
+    """Wire the actors; `storage_factory` and `on_open` are seams for fault-injection tests."""
+    mb = Mailboxes()
+    metrics = Metrics()
+    backoff = Backoff(settings.backoff_initial_secs, settings.backoff_max_secs)
+    limits = dict(intensity=settings.restart_intensity, period=settings.restart_period_secs,
+                  backoff=backoff, grace=settings.grace_secs)
+
+    storage_cfg = StorageConfig(
+        db_path=settings.database_path,
+        secret=secret,
+        secret_path=DataDir(settings.data_dir).secret_path,
+        derivation=Derivation(settings.token_derivation),
+        batch_limit=settings.batch_limit,
+    )
+    filter_cfg = FilterConfig(
+        db_path=settings.database_path,
+        bloom_entries=settings.pid_bloom_entries,
+        bloom_fp_rate=settings.pid_bloom_fp_rate,
+        cache_ttl=settings.pid_cache_ttl_secs,
+        cache_capacity=settings.pid_cache_capacity,
+    )
+    public_cfg = PublicConfig(
+        host=settings.bind_host,
+        port=settings.bind_port,
+        unix_socket=settings.unix_socket,
+        max_body_bytes=settings.max_body_bytes,
+        request_timeout=settings.request_timeout_secs,
+        grace=settings.grace_secs,
+        network=network_of(settings.primary_address) if settings.primary_address else None,
+        primary_address=settings.primary_address,
+        min_confirmations=settings.min_confirmations,
+        min_payment_amount=settings.min_payment_amount,
+    )
+    internal_host, internal_port = settings.internal_bind or (None, None)
+    internal_cfg = InternalConfig(
+        unix_socket=settings.internal_socket_path,
+        host=internal_host,
+        port=internal_port,
+        token=settings.internal_token,
+        max_body_bytes=settings.max_body_bytes,
+        request_timeout=settings.request_timeout_secs,
+        grace=settings.grace_secs,
+    )
+
+    core = ChildSpec(
+        "core",
+        lambda: Supervisor("core", [
+            ChildSpec("storage", lambda: storage_factory(
+                storage_cfg, mb.storage, mb.filter, metrics, on_open=on_open), mb.storage),
+            ChildSpec("filter", lambda: Filter(filter_cfg, mb.filter, metrics), mb.filter),
+        ], strategy=Strategy.REST_FOR_ONE, **limits),  # type: ignore[arg-type]
+        status=_nested_status,
+    )
+    public = ChildSpec("public", lambda: Public(public_cfg, mb.storage, mb.filter, metrics),
+                       stop=_stop_listener)
+    internal = ChildSpec(
+        "internal",
+        lambda: Internal(internal_cfg, storage=mb.storage, filter_=mb.filter,
+                         supervisor=mb.root, mailboxes=mb.by_name(), metrics=metrics),
+        stop=_stop_listener,
+    )
+    root = Supervisor("root", [core, public, internal], strategy=Strategy.ONE_FOR_ONE,
+                      commands=mb.root, **limits)  # type: ignore[arg-type]
+    return Tree(root, mb, metrics)
+
+
+async def _watch_signals(signals: Any, root: Supervisor, everything: trio.CancelScope) -> None:
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if root.stop_reason is None:
+            log.info("stopping gracefully", signal=name)
+            root.request_stop(name)
+        else:
+            log.warning("second signal: stopping now", signal=name)
+            everything.cancel()
+            return
+
+
+async def run_server(settings: Settings, **tree_options: Any) -> int:
+    """Run the whole process until a signal, a shutdown command or an escalation."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        datadir = DataDir(settings.data_dir)
+        try:
+            datadir.ensure()
+            lock = datadir.lock()
+        except DataDirLocked as exc:
+            log.error("cannot start", error=str(exc))
+            return EXIT_CONFIG
+        try:
+            return await _run_locked(settings, datadir, signals, tree_options)
+        finally:
+            lock.release()
+
+
+async def _run_locked(settings: Settings, datadir: DataDir, signals: Any,
+                      tree_options: dict[str, Any]) -> int:
+    try:
+        applied = schema.migrate(settings.database_path)
+        if applied:
+            log.info("database migrated", applied=",".join(applied))
+        secret = datadir.token_secret()
+        tree = build_tree(settings, secret, **tree_options)
+    except (ConfigError, StorageError) as exc:
+        log.error("cannot start", error=str(exc))
+        return EXIT_CONFIG
+    log.info("starting", settings=" ".join(f"{k}={v}" for k, v in settings.describe().items()))
+    if settings.internal_tcp_warning:
+        log.warning(settings.internal_tcp_warning)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, signals, tree.root, nursery.cancel_scope)
+            await tree.root.run()
+            nursery.cancel_scope.cancel()
+    except ConfigError as exc:
+        log.error("cannot start", error=str(exc))
+        return EXIT_CONFIG
+    except BaseExceptionGroup as group:
+        config, rest = group.split(ConfigError)
+        if config is not None and rest is None:
+            log.error("cannot start", error=str(config.exceptions[0]))
+            return EXIT_CONFIG
+        escalation, rest = group.split(Escalation)
+        if escalation is not None:
+            log.error("giving up", error=str(escalation.exceptions[0]))
+            return EXIT_FAILURE
+        raise
+    except (Escalation, AnonTicketError) as exc:
+        log.error("giving up", error=str(exc))
+        return EXIT_FAILURE
+    log.info("stopped", reason=tree.root.stop_reason or "forced")
+    return EXIT_OK

@@ -1,0 +1,60 @@
+"""Run the real storage and filter actors in-process on a real SQLite file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import apsw
+import trio
+
+from actors.filter import Filter, FilterConfig
+from actors.storage import Storage, StorageConfig
+from anon_ticket import schema
+from anon_ticket.domain.ids import PaymentId
+from anon_ticket.domain.messages import RecordTransfers, Transfer
+from anon_ticket.metrics import Metrics
+from supervisors.mailbox import Mailbox
+from supervisors.supervisor import Backoff, ChildSpec, Strategy, Supervisor
+
+
+@dataclass
+class Core:
+    storage: Mailbox[Any]
+    filter: Mailbox[Any]
+    metrics: Metrics
+    supervisor: Supervisor
+    db_path: Path
+
+    async def pay(self, pid: PaymentId, amount: int = 10**12, height: int = 100,
+                  txid: bytes | None = None) -> Any:
+        t = Transfer(txid or os.urandom(32), pid, amount, height)
+        return await self.storage.ask(RecordTransfers((t,)), 5)
+
+
+@asynccontextmanager
+async def run_core(tmp_path: Path, *, on_open: Callable[[apsw.Connection], None] | None = None,
+                   storage_factory: Callable[..., Storage] = Storage, batch_limit: int = 256,
+                   bloom_entries: int = 10_000, intensity: int = 5,
+                   ) -> AsyncIterator[Core]:
+    db = tmp_path / "anon-ticket.db"
+    schema.migrate(db)
+    metrics = Metrics()
+    smb: Mailbox[Any] = Mailbox("storage", 8192)
+    fmb: Mailbox[Any] = Mailbox("filter", 65536)
+    scfg = StorageConfig(db, b"s" * 32, tmp_path / "token.secret", batch_limit=batch_limit)
+    fcfg = FilterConfig(db, bloom_entries, 1e-6, 60.0, 1000)
+    sup = Supervisor("core", [
+        ChildSpec("storage", lambda: storage_factory(scfg, smb, fmb, metrics, on_open=on_open),
+                  smb),
+        ChildSpec("filter", lambda: Filter(fcfg, fmb, metrics), fmb),
+    ], strategy=Strategy.REST_FOR_ONE, intensity=intensity, period=30,
+        backoff=Backoff(0.05, 0.2), grace=1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        yield Core(smb, fmb, metrics, sup, db)
+        sup.request_stop("test over")

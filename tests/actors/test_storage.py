@@ -1,0 +1,207 @@
+"""The storage actor on a real SQLite file: group commit, savepoints, exactly once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import apsw
+import pytest
+import trio
+
+from anon_ticket.domain.ids import PaymentId, ServiceToken
+from anon_ticket.domain.messages import (
+    Claim,
+    Claimed,
+    ClaimStatus,
+    Lookup,
+    LookupToken,
+    Presence,
+    ReadCursor,
+    Recorded,
+    RecordTransfers,
+    Revoke,
+    SkippedTransfer,
+    Transfer,
+)
+from anon_ticket.domain.tokens import derive_hmac
+from anon_ticket.errors import NotFound, Unavailable
+from tests.actors.core import run_core
+
+
+class CommitCounter:
+    def __init__(self) -> None:
+        self.commits = 0
+        self.veto = False
+
+    def install(self, conn: apsw.Connection) -> None:
+        conn.setcommithook(self)
+
+    def __call__(self) -> bool:
+        self.commits += 1
+        return self.veto  # True turns the COMMIT into a ROLLBACK
+
+
+async def test_claim_then_retry_returns_the_stored_token(tmp_path: Path) -> None:
+    async with run_core(tmp_path) as core:
+        pid = PaymentId.generate()
+        txid = os.urandom(32)
+        recorded = await core.pay(pid, 5 * 10**11, txid=txid)
+        assert isinstance(recorded, Recorded) and recorded.new_pids == (pid,)
+        first = await core.storage.ask(Claim(pid), 5)
+        assert first.status is ClaimStatus.SUCCESS
+        assert first.balance == 5 * 10**11
+        assert first.token == derive_hmac(b"s" * 32, pid, txid.hex())
+        again = await core.storage.ask(Claim(pid), 5)
+        assert again == Claimed(ClaimStatus.ALREADY_CLAIMED, first.token, 5 * 10**11)
+        info = await core.storage.ask(LookupToken(first.token), 5)
+        assert (info.revoked, info.amount, info.abuse_score) == (False, 5 * 10**11, 0)
+        assert info.issued_at.endswith("Z")
+
+
+async def test_unknown_pid_and_token_are_not_found(tmp_path: Path) -> None:
+    async with run_core(tmp_path) as core:
+        with pytest.raises(NotFound):
+            await core.storage.ask(Claim(PaymentId.generate()), 5)
+        with pytest.raises(NotFound):
+            await core.storage.ask(LookupToken(ServiceToken(os.urandom(32))), 5)
+
+
+async def test_a_transfer_credits_once_and_top_ups_add(tmp_path: Path) -> None:
+    async with run_core(tmp_path) as core:
+        pid = PaymentId.generate()
+        txid = os.urandom(32)
+        await core.pay(pid, 100, txid=txid)
+        again = await core.pay(pid, 100, txid=txid)  # the same transfer, seen again (I1)
+        assert again.credited == 0
+        claimed = await core.storage.ask(Claim(pid), 5)
+        assert claimed.balance == 100
+        # the answer is now cached by the filter
+        assert await core.filter.ask(Lookup(pid), 5) == Claimed(
+            ClaimStatus.ALREADY_CLAIMED, claimed.token, 100)
+        topped = await core.pay(pid, 50)
+        assert topped.topped_up == (pid,)
+        # the cache was invalidated in commit order: the next lookup goes to storage
+        assert await core.filter.ask(Lookup(pid), 5) is Presence.MAYBE
+        after = await core.storage.ask(Claim(pid), 5)
+        assert after == Claimed(ClaimStatus.ALREADY_CLAIMED, claimed.token, 150)
+        info = await core.storage.ask(LookupToken(claimed.token), 5)
+        assert info.amount == 150
+
+
+async def test_cursor_moves_with_its_transfers(tmp_path: Path) -> None:
+    async with run_core(tmp_path) as core:
+        assert await core.storage.ask(ReadCursor(), 5) is None
+        pid = PaymentId.generate()
+        t = Transfer(os.urandom(32), pid, 10, 7)
+        skipped = SkippedTransfer(os.urandom(32), "no_payment_id", 5, 7)
+        await core.storage.ask(RecordTransfers((t,), (skipped,), cursor=7), 5)
+        assert await core.storage.ask(ReadCursor(), 5) == 7
+
+
+async def test_group_commit_batches_concurrent_claims(tmp_path: Path) -> None:
+    counter = CommitCounter()
+    async with run_core(tmp_path, on_open=counter.install) as core:
+        pids = [PaymentId.generate() for _ in range(200)]
+        await core.storage.ask(RecordTransfers(tuple(
+            Transfer(os.urandom(32), p, 10, 1) for p in pids)), 5)
+        counter.commits = 0
+        results: list[Any] = []
+
+        async def claim(p: PaymentId) -> None:
+            results.append(await core.storage.ask(Claim(p), 5))
+
+        async with trio.open_nursery() as n:
+            for p in pids:
+                n.start_soon(claim, p)
+        assert [r.status for r in results] == [ClaimStatus.SUCCESS] * 200
+        assert 1 <= counter.commits < 200 / 2, counter.commits
+        sizes = core.metrics.batch_size.collect()[0].samples
+        count = next(s.value for s in sizes if s.name.endswith("_count"))
+        total = next(s.value for s in sizes if s.name.endswith("_sum"))
+        assert total / count > 1.0
+
+
+async def test_one_failing_request_does_not_sink_its_batch(tmp_path: Path) -> None:
+    counter = CommitCounter()
+    async with run_core(tmp_path, on_open=counter.install) as core:
+        good = PaymentId.generate()
+        bad = Transfer(b"short", PaymentId.generate(), 10, 1)  # violates the txid CHECK
+        outcomes: dict[str, Any] = {}
+
+        async def send(name: str, msg: Any) -> None:
+            try:
+                outcomes[name] = await core.storage.ask(msg, 5)
+            except Unavailable as exc:
+                outcomes[name] = exc
+
+        counter.commits = 0
+        async with trio.open_nursery() as n:
+            n.start_soon(send, "bad", RecordTransfers((bad,)))
+            n.start_soon(send, "good", RecordTransfers((Transfer(os.urandom(32), good, 10, 1),)))
+        assert isinstance(outcomes["bad"], Unavailable)
+        assert isinstance(outcomes["good"], Recorded)
+        assert counter.commits == 1  # both ran in one batch, one commit
+        assert (await core.storage.ask(Claim(good), 5)).status is ClaimStatus.SUCCESS
+
+
+async def test_a_vetoed_commit_fails_every_request_of_the_batch(tmp_path: Path) -> None:
+    counter = CommitCounter()
+    async with run_core(tmp_path, on_open=counter.install) as core:
+        pids = [PaymentId.generate() for _ in range(20)]
+        counter.veto = True
+        outcomes: list[Any] = []
+
+        async def pay(p: PaymentId) -> None:
+            try:
+                outcomes.append(await core.pay(p))
+            except Unavailable as exc:
+                outcomes.append(exc)
+
+        async with trio.open_nursery() as n:
+            for p in pids:
+                n.start_soon(pay, p)
+        assert len(outcomes) == 20
+        assert all(isinstance(o, Unavailable) for o in outcomes)
+        counter.veto = False
+        for p in pids:  # nothing was recorded: not in the filter, not in storage
+            assert await core.filter.ask(Lookup(p), 5) is Presence.ABSENT
+            with pytest.raises(NotFound):
+                await core.storage.ask(Claim(p), 5)
+    conn = apsw.Connection(str(tmp_path / "anon-ticket.db"))
+    assert conn.execute("SELECT count(*) FROM tickets").fetchone() == (0,)
+
+
+async def test_requests_past_their_deadline_are_dropped_and_gone_senders_are_harmless(
+        tmp_path: Path) -> None:
+    async with run_core(tmp_path) as core:
+        pid = PaymentId.generate()
+        await core.pay(pid)
+        # A sender that gives up (closed reply channel) before storage answers.
+        with trio.move_on_after(0):
+            await core.storage.ask(Claim(pid), 5)
+        # Storage survived and the claim either happened once or not at all.
+        result = await core.storage.ask(Claim(pid), 5)
+        assert result.status in (ClaimStatus.SUCCESS, ClaimStatus.ALREADY_CLAIMED)
+        before = core.metrics.expired_dropped._value.get()
+        with pytest.raises(Unavailable):
+            await core.storage.ask(Claim(pid), 0)  # deadline already passed when it arrives
+        assert core.metrics.expired_dropped._value.get() == before + 1
+
+
+async def test_revoke_keeps_the_first_reason_and_score(tmp_path: Path) -> None:
+    async with run_core(tmp_path) as core:
+        pid = PaymentId.generate()
+        await core.pay(pid)
+        token = (await core.storage.ask(Claim(pid), 5)).token
+        first = await core.storage.ask(Revoke(token, "abuse", 7), 5)
+        assert first.revoked and first.abuse_score == 7 and first.revoke_reason == "abuse"
+        second = await core.storage.ask(Revoke(token, "other", 1), 5)
+        assert (second.revoke_reason, second.abuse_score, second.revoked_at) == (
+            "abuse", 7, first.revoked_at)
+        # a revoked token is still credited by a top-up, and an alert is raised
+        await core.pay(pid, 5)
+        assert (await core.storage.ask(LookupToken(token), 5)).amount == 10**12 + 5
+        alerts = core.metrics.alerts.labels("revoked_topped_up")._value.get()
+        assert alerts == 1
