@@ -146,14 +146,14 @@ class Filter:
 
     def _stats(self, env: Envelope[Any]) -> None:
         bloom = self.bloom
-        env.reply({
+        figures: dict[str, Any] = {
             "enabled": bloom is not None,
-            "entries": len(bloom) if bloom else 0,
-            "bits": bloom.bits if bloom else 0,
-            "hashes": bloom.hashes if bloom else 0,
-            "memory_bytes": bloom.nbytes if bloom else 0,
             "configured_fp_rate": self.config.bloom_fp_rate,
-            "expected_fp_rate": bloom.expected_fp_rate(len(bloom)) if bloom else None,
             "cache_entries": len(self._cache),
             "cache_capacity": self.config.cache_capacity,
-        })
+        }
+        if bloom is not None:
+            figures.update(entries=len(bloom), bits=bloom.bits, hashes=bloom.hashes,
+                           memory_bytes=bloom.nbytes,
+                           expected_fp_rate=bloom.expected_fp_rate(len(bloom)))
+        env.reply(figures)

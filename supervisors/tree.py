@@ -31,9 +31,15 @@ from actors.storage import Storage, StorageConfig
 from anon_ticket import schema
 from anon_ticket.config import Settings
 from anon_ticket.datadir import DataDir
-from anon_ticket.domain.address import network_of
+from anon_ticket.domain.address import validate_primary
 from anon_ticket.domain.tokens import Derivation
-from anon_ticket.errors import AnonTicketError, ConfigError, DataDirLocked, StorageError
+from anon_ticket.errors import (
+    AnonTicketError,
+    ConfigError,
+    DataDirLocked,
+    InvalidAddress,
+    StorageError,
+)
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
 from supervisors.mailbox import Mailbox
@@ -75,6 +81,12 @@ def build_tree(settings: Settings, secret: bytes, *,
                storage_factory: Callable[..., Storage] = Storage,
                on_open: Callable[[apsw.Connection], None] | None = None) -> Tree:
     """Wire the actors; `storage_factory` and `on_open` are seams for fault-injection tests."""
+    network = None
+    if settings.primary_address:
+        try:
+            network = validate_primary(settings.primary_address)
+        except InvalidAddress as exc:
+            raise ConfigError([f"primary_address: {exc}"]) from None
     mb = Mailboxes()
     metrics = Metrics()
     backoff = Backoff(settings.backoff_initial_secs, settings.backoff_max_secs)
@@ -102,7 +114,7 @@ def build_tree(settings: Settings, secret: bytes, *,
         max_body_bytes=settings.max_body_bytes,
         request_timeout=settings.request_timeout_secs,
         grace=settings.grace_secs,
-        network=network_of(settings.primary_address) if settings.primary_address else None,
+        network=network,
         primary_address=settings.primary_address,
         min_confirmations=settings.min_confirmations,
         min_payment_amount=settings.min_payment_amount,

@@ -1,0 +1,176 @@
+"""The public API over real HTTP on loopback: DESIGN §4, byte for byte."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import httpx
+import trio
+
+from anon_ticket.domain.ids import PaymentId
+from anon_ticket.domain.tokens import derive_hmac
+from tests.harness import running_server
+
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def assert_json_error(resp: httpx.Response, status: int, text: str | None = None) -> None:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    body = resp.json()
+    assert set(body) == {"error"}
+    if text is not None:
+        assert body["error"] == text
+    assert "Traceback" not in resp.text and "sqlite" not in resp.text.lower()
+
+
+async def test_redeem_success_then_already_claimed_in_any_case(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as srv:
+        pid = PaymentId.generate()
+        txid = os.urandom(32)
+        await srv.pay(pid, 123_000_000_000, txid=txid)
+        first = await srv.redeem(pid.hex().upper())
+        assert first.status_code == 200
+        body = first.json()
+        assert body["status"] == "success"
+        assert body["balance"] == 123_000_000_000
+        assert HEX64.match(body["service_token"])
+        secret = (srv.settings.data_dir / "token.secret").read_bytes()
+        assert body["service_token"] == derive_hmac(secret, pid, txid.hex()).hex()
+        second = await srv.redeem(pid.hex())
+        assert second.json() == {"status": "already_claimed",
+                                 "service_token": body["service_token"],
+                                 "balance": 123_000_000_000}
+        # a top-up after the claim shows in already_claimed
+        await srv.pay(pid, 7)
+        third = await srv.redeem(pid.hex())
+        assert third.json()["balance"] == 123_000_000_007
+
+
+async def test_redeem_errors_use_the_original_strings(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as srv:
+        assert_json_error(await srv.redeem("0123456789abcdef"), 404, "payment not found")
+        assert_json_error(await srv.redeem("0123"), 400,
+                          "invalid payment id: payment id must be exactly 16 hex characters")
+        assert_json_error(await srv.redeem("0123456789abcdeg"), 400,
+                          "invalid payment id: payment id contains non-hex characters")
+        assert_json_error(await srv.redeem("ü123456789abcdef"), 400,
+                          "invalid payment id: payment id contains non-hex characters")
+        assert_json_error(await srv.redeem("0" * 16), 400,
+                          "invalid payment id: payment id must not be all zeros")
+
+
+async def test_bad_bodies_are_4xx_json(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as srv:
+        c = srv.client
+        post = "/api/v1/redeem"
+        json_ct = {"content-type": "application/json"}
+        cases = [
+            await c.post(post, content=b"{not json", headers=json_ct),
+            await c.post(post, content=b'{"pid": 1' + b"1" * 5000 + b"}", headers=json_ct),
+            await c.post(post, content=b"[" * 3000 + b"]" * 3000, headers=json_ct),
+            await c.post(post, content=b'{"pid": 12345678901234567890}', headers=json_ct),
+            await c.post(post, content=b'{"pid": null}', headers=json_ct),
+            await c.post(post, content=b'["0123456789abcdef"]', headers=json_ct),
+            await c.post(post, content=b"{}", headers=json_ct),
+            await c.post(post, content=b"\xff\xfe\x00", headers=json_ct),
+            await c.post(post, content=b'{"pid": "0123456789abcdef"}',
+                         headers={"content-type": "text/plain"}),
+            await c.post(post, content=b'{"pid": "0123456789abcdef"}'),
+        ]
+        for resp in cases:
+            assert resp.status_code in (400, 413), (resp.status_code, resp.text)
+            assert_json_error(resp, resp.status_code)
+        big = await c.post(post, content=b'{"pid": "' + b"a" * 10_000 + b'"}', headers=json_ct)
+        assert_json_error(big, 413, "request body too large")
+
+
+async def test_framework_errors_are_json(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as srv:
+        c = srv.client
+        assert_json_error(await c.get("/nope"), 404, "not found")
+        assert_json_error(await c.get("/api/v1/redeem"), 405, "method not allowed")
+        assert_json_error(await c.delete("/api/v1/token/" + "a" * 64), 405)
+        assert_json_error(await c.get("/api/v1/token/"), 404)
+        assert_json_error(await c.get("/api/v1/token/" + "a" * 64 + "/x"), 404)
+        for trick in ("..%2F..%2Fhealthz", "%2e%2e", "%00" + "a" * 63, "a" * 64 + "%2Frevoke",
+                      "a" * 10_000):
+            resp = await c.get("/api/v1/token/" + trick)
+            assert 400 <= resp.status_code < 500, (trick, resp.status_code)
+            assert_json_error(resp, resp.status_code)
+
+
+async def test_token_introspection(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as srv:
+        pid = PaymentId.generate()
+        await srv.pay(pid, 42)
+        token = (await srv.redeem(pid.hex())).json()["service_token"]
+        resp = await srv.client.get(f"/api/v1/token/{token.upper()}")
+        assert resp.status_code == 200
+        body = resp.json()
+        assert set(body) == {"status", "amount", "issued_at", "revoked_at", "abuse_score"}
+        assert (body["status"], body["amount"], body["revoked_at"], body["abuse_score"]) == (
+            "active", 42, None, 0)
+        assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$", body["issued_at"])
+        assert_json_error(await srv.client.get("/api/v1/token/" + "ab" * 32), 404,
+                          "payment not found")
+        assert_json_error(await srv.client.get("/api/v1/token/abc"), 400,
+                          "invalid token: service token must be exactly 64 hex characters")
+        assert_json_error(await srv.client.get("/api/v1/token/" + "g" * 64), 400,
+                          "invalid token: service token contains non-hex characters")
+
+
+async def test_info_and_health(tmp_path: Path) -> None:
+    primary = ("49XASeahoRpUSX2YtQx9qV1TVA3ozWTuF1361PZBTCuT1F6XhbkmbPdcmKjo"
+               "rkm4UFh8HpXArx25SVnzxAXjSPCAVqajDFX")
+    async with running_server(tmp_path, primary_address=primary,
+                              min_confirmations=3) as srv:
+        info = (await srv.client.get("/api/v1/info")).json()
+        assert info == {"network": "mainnet", "primary_address": primary,
+                        "min_confirmations": 3, "min_payment_amount": 10_000_000_000,
+                        "version": info["version"]}
+        health = await srv.client.get("/healthz")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+async def test_200_concurrent_redeems_of_one_pid_give_exactly_one_success(
+        tmp_path: Path) -> None:
+    async with running_server(tmp_path) as srv:
+        pid = PaymentId.generate()
+        await srv.pay(pid, 10**12)
+        responses: list[httpx.Response] = []
+
+        async def redeem() -> None:
+            responses.append(await srv.redeem(pid.hex()))
+
+        async with trio.open_nursery() as n:
+            for _ in range(200):
+                n.start_soon(redeem)
+        assert all(r.status_code == 200 for r in responses), {r.status_code for r in responses}
+        statuses = [r.json()["status"] for r in responses]
+        assert statuses.count("success") == 1
+        assert statuses.count("already_claimed") == 199
+        assert len({r.json()["service_token"] for r in responses}) == 1
+
+
+async def test_a_bloom_negative_does_no_storage_work(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as srv:
+        claims = srv.tree.metrics.storage_requests.labels("claim")
+        before = claims._value.get()
+        for _ in range(20):
+            assert (await srv.redeem(PaymentId.generate().hex())).status_code == 404
+        assert claims._value.get() == before
+        hints = srv.tree.metrics.redeem_cache_hints.labels("bloom_negative")._value.get()
+        assert hints >= 20
+
+
+async def test_public_listener_on_a_unix_socket(tmp_path: Path) -> None:
+    sock = tmp_path / "pub.sock"
+    async with running_server(tmp_path, unix_socket=sock) as srv:
+        pid = PaymentId.generate()
+        await srv.pay(pid)
+        resp = await srv.redeem(pid.hex())
+        assert resp.json()["status"] == "success"
+    assert not sock.exists()  # removed on a graceful stop
