@@ -267,9 +267,11 @@ class Supervisor:
                 if isinstance(exc, ConfigError):
                     raise
                 if isinstance(exc, BaseExceptionGroup):
-                    fatal = exc.subgroup(ConfigError)
+                    fatal: BaseException | None = exc.subgroup(ConfigError)
                     if fatal is not None:
-                        raise fatal.exceptions[0] from None
+                        while isinstance(fatal, BaseExceptionGroup):
+                            fatal = fatal.exceptions[0]
+                        raise fatal from None
                 # An Escalation from a nested supervisor is that child's crash; our own
                 # Escalation is raised below, outside this block.
                 crashed = exc

@@ -152,6 +152,12 @@ def build_tree(settings: Settings, secret: bytes, *,
     return Tree(root, mb, metrics)
 
 
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
 async def _watch_signals(signals: Any, root: Supervisor, everything: trio.CancelScope) -> None:
     async for signum in signals:
         name = signal.Signals(signum).name
@@ -205,11 +211,11 @@ async def _run_locked(settings: Settings, datadir: DataDir, signals: Any,
     except BaseExceptionGroup as group:
         config, rest = group.split(ConfigError)
         if config is not None and rest is None:
-            log.error("cannot start", error=str(config.exceptions[0]))
+            log.error("cannot start", error=str(_leaf(config)))
             return EXIT_CONFIG
         escalation, rest = group.split(Escalation)
         if escalation is not None:
-            log.error("giving up", error=str(escalation.exceptions[0]))
+            log.error("giving up", error=str(_leaf(escalation)))
             return EXIT_FAILURE
         raise
     except (Escalation, AnonTicketError) as exc:

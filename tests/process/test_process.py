@@ -1,0 +1,197 @@
+"""The real process: signals, the data-directory lock, sockets, kill -9, exit codes, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from anon_ticket.domain.ids import PaymentId
+from tests.process.proc import cli, kill, start_server, write_legacy_db
+
+pytestmark = pytest.mark.process
+
+
+def legacy_rows(n: int) -> list[tuple[bytes, str, int, int]]:
+    return [(PaymentId.generate().raw, os.urandom(32).hex(), 10**12 + i, 100 + i % 7)
+            for i in range(n)]
+
+
+def prepared(tmp_path: Path, n: int) -> tuple[Path, list[str]]:
+    """A data directory whose database holds `n` unclaimed tickets, imported as an operator
+    would (`db import-legacy`)."""
+    rows = legacy_rows(n)
+    data = tmp_path / "data"
+    legacy = write_legacy_db(tmp_path / "legacy.db", rows)
+    done = cli(data, "db", "import-legacy", str(legacy))
+    assert done.returncode == 0, done.stderr
+    return data, [r[0].hex() for r in rows]
+
+
+def redeem(url: str, pid: str) -> httpx.Response:
+    return httpx.post(f"{url}/api/v1/redeem", json={"pid": pid}, timeout=10)
+
+
+def test_sigterm_exits_0_and_the_lock_refuses_a_second_server(tmp_path: Path) -> None:
+    data, pids = prepared(tmp_path, 3)
+    server = start_server(data)
+    try:
+        assert redeem(server.url, pids[0]).json()["status"] == "success"
+        second = start_server(data, wait=False)
+        assert second.wait_exit() == 2
+        assert "in use by another anon-ticket process" in second.log()
+        # writers refuse while the server holds the directory; readers work online
+        refused = cli(data, "db", "import-legacy", str(tmp_path / "legacy.db"))
+        assert refused.returncode == 1 and "in use" in refused.stderr
+        check = cli(data, "db", "check")
+        assert check.returncode == 0, check.stdout + check.stderr
+        backup = cli(data, "db", "backup", str(tmp_path / "online.tar"))
+        assert backup.returncode == 0, backup.stderr
+    finally:
+        server.signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+    assert "stopped" in server.log()
+    assert not server.internal_socket.exists()
+
+
+def test_serve_without_a_chain_is_a_usage_error(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MONERO_RPC_URL"}
+    done = cli(tmp_path / "data", "serve", env=env | {"MONERO_RPC_URL": ""})
+    assert done.returncode == 2
+    assert "MONERO_RPC_URL" in done.stderr
+    bad = cli(tmp_path / "data", "--min-confirmations", "zero", "serve")
+    assert bad.returncode == 2 and "min-confirmations" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_a_stale_socket_is_replaced_a_live_one_is_not(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    stale = data / "internal.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()  # the file stays, nobody listens: stale
+    server = start_server(data)
+    try:
+        with server.internal() as internal:
+            assert internal.get("/admin/status").status_code == 200
+        # a second server (own data dir) pointed at the live socket refuses, leaving it alone
+        other = start_server(tmp_path / "other", wait=False,
+                             env={"API_INTERNAL_UNIX_SOCKET": str(stale)})
+        assert other.wait_exit() == 2
+        assert "live socket" in other.log()
+        with server.internal() as internal:
+            assert internal.get("/admin/status").status_code == 200
+        # and a regular file in the way is never removed
+        blocker = tmp_path / "blocker"
+        blocker.write_text("keep me")
+        third = start_server(tmp_path / "third", wait=False,
+                             env={"API_INTERNAL_UNIX_SOCKET": str(blocker)})
+        assert third.wait_exit() == 2
+        assert blocker.read_text() == "keep me"
+    finally:
+        server.stop()
+
+
+def test_sigkill_during_a_burst_of_claims_loses_no_token(tmp_path: Path) -> None:
+    """I3: claim and token are one transaction; a success a client saw survives a kill -9."""
+    data, pids = prepared(tmp_path, 400)
+    server = start_server(data)
+    seen: dict[str, str] = {}
+    lock = threading.Lock()
+    killed = threading.Event()
+
+    def worker(chunk: list[str]) -> None:
+        with httpx.Client(timeout=10) as client:
+            for pid in chunk:
+                if killed.is_set():
+                    return
+                try:
+                    resp = client.post(f"{server.url}/api/v1/redeem", json={"pid": pid})
+                except httpx.TransportError:
+                    return
+                body = resp.json()
+                assert resp.status_code == 200, body
+                with lock:
+                    seen[pid] = body["service_token"]
+                    if len(seen) >= 150 and not killed.is_set():
+                        killed.set()
+                        kill(server)
+
+    chunks = [pids[i::16] for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(worker, chunks))
+    assert killed.is_set() and server.proc.returncode == -signal.SIGKILL
+    assert 150 <= len(seen) < 400
+
+    check = cli(data, "db", "check")
+    assert check.returncode == 0, check.stdout + check.stderr
+    server = start_server(data)  # the lock of the killed process is gone with it
+    try:
+        with httpx.Client(timeout=10) as client:
+            for pid, token in seen.items():
+                body = client.post(f"{server.url}/api/v1/redeem", json={"pid": pid}).json()
+                assert body == {"status": "already_claimed", "service_token": token,
+                                "balance": body["balance"]}
+            for pid in pids:
+                if pid in seen:
+                    continue
+                first = client.post(f"{server.url}/api/v1/redeem", json={"pid": pid}).json()
+                # committed but unanswered when killed → already_claimed; else a fresh success
+                assert first["status"] in ("success", "already_claimed")
+                again = client.post(f"{server.url}/api/v1/redeem", json={"pid": pid}).json()
+                assert again["status"] == "already_claimed"
+                assert again["service_token"] == first["service_token"]
+    finally:
+        server.stop()
+    final = json.loads(cli(data, "db", "check").stdout.rsplit("}", 1)[0] + "}")
+    assert final["claimed"] == 400
+
+
+def test_a_database_that_cannot_be_reopened_escalates_to_exit_1(tmp_path: Path) -> None:
+    data, _ = prepared(tmp_path, 2)
+    server = start_server(data, args=("--restart-intensity", "2", "--backoff-initial-secs",
+                                      "0.01", "--backoff-max-secs", "0.05"))
+    db = data / "anon-ticket.db"
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(os.urandom(8192))
+    os.replace(garbage, db)  # the disk now holds something that is not a database
+    with server.internal() as internal:
+        assert internal.post("/admin/actors/storage/restart").status_code == 200
+    assert server.wait_exit() == 1
+    assert "giving up" in server.log()
+
+
+def test_operator_cli(tmp_path: Path) -> None:
+    data, pids = prepared(tmp_path, 2)
+    server = start_server(data)
+    try:
+        token = redeem(server.url, pids[0]).json()["service_token"]
+        sock = ["ctl", "--socket", str(server.internal_socket)]
+        status = cli(data, *sock, "status")
+        assert status.returncode == 0
+        assert json.loads(status.stdout)["storage"]["claimed"] == 1
+        revoked = cli(data, *sock, "revoke", token, "--reason", "spam", "--abuse-score", "3")
+        assert revoked.returncode == 0 and json.loads(revoked.stdout)["abuse_score"] == 3
+        assert cli(data, *sock, "revoke", "ab" * 32).returncode == 3  # not found
+        assert cli(data, "ctl", "skipped").returncode == 0  # socket found through the data dir
+        assert cli(data, *sock, "backup", str(tmp_path / "b.tar")).returncode == 0
+    finally:
+        server.stop()
+    restore = cli(data, "db", "restore", str(tmp_path / "b.tar"))
+    assert restore.returncode == 0, restore.stderr
+    out = cli(data, "pid", "new", "--address",
+              "49XASeahoRpUSX2YtQx9qV1TVA3ozWTuF1361PZBTCuT1F6XhbkmbPdcmKjo"
+              "rkm4UFh8HpXArx25SVnzxAXjSPCAVqajDFX")
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("Payment ID: ") and len(lines[0]) == len("Payment ID: ") + 16
+    assert lines[1].startswith("Integrated address: 4") and len(lines[1]) == 20 + 106
+    bad = cli(data, "pid", "new", "--address", "nonsense")
+    assert bad.returncode == 2 and "invalid address" in bad.stderr
