@@ -91,3 +91,6 @@ def configure(default_level: str = "INFO", per_target: Mapping[str, str] | None 
     # hypercorn's own loggers: errors only, never access lines (token paths are in URLs).
     logging.getLogger("hypercorn.access").disabled = True
     logging.getLogger("hypercorn.error").setLevel(logging.WARNING)
+    # httpx logs every request URL at INFO, and token paths are in URLs.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)

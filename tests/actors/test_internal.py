@@ -134,3 +134,21 @@ async def test_online_backup_and_actor_restart(tmp_path: Path) -> None:
             if r.status_code == 200:
                 break
         assert r.json()["status"] == "success"
+
+
+async def test_internal_tcp_requires_its_bearer_token(tmp_path: Path) -> None:
+    import httpx
+
+    from tests.harness import free_port
+
+    port = free_port()
+    token = "t" * 32
+    async with running_server(tmp_path, internal_bind_address=f"127.0.0.1:{port}",
+                              internal_token=token) as srv:
+        assert srv.settings.internal_socket_path is None
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+            assert_json_error(await c.get("/admin/status"), 401, "unauthorized")
+            wrong = await c.get("/admin/status", headers={"Authorization": "Bearer nope"})
+            assert_json_error(wrong, 401)
+            ok = await c.get("/admin/status", headers={"Authorization": f"Bearer {token}"})
+            assert ok.status_code == 200

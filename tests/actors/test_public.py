@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from anon_ticket.domain.ids import PaymentId
@@ -174,3 +175,34 @@ async def test_public_listener_on_a_unix_socket(tmp_path: Path) -> None:
         resp = await srv.redeem(pid.hex())
         assert resp.json()["status"] == "success"
     assert not sock.exists()  # removed on a graceful stop
+
+
+async def test_legacy_derivation_matches_the_originals_vector_form(tmp_path: Path) -> None:
+    from anon_ticket.domain.tokens import derive_legacy
+
+    async with running_server(tmp_path, token_derivation="legacy") as srv:
+        pid = PaymentId.generate()
+        txid = os.urandom(32)
+        await srv.pay(pid, txid=txid)
+        body = (await srv.redeem(pid.hex())).json()
+        assert body["service_token"] == derive_legacy(pid, txid.hex()).hex()
+
+
+async def test_logs_never_hold_a_full_pid_or_token(tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    async with running_server(tmp_path) as srv:
+        pid = PaymentId.generate()
+        await srv.pay(pid)
+        token = (await srv.redeem(pid.hex())).json()["service_token"]
+        await srv.client.get(f"/api/v1/token/{token}")
+        await srv.internal.post(f"/api/v1/token/{token}/revoke", json={"reason": "x"})
+        await srv.pay(pid, 5)  # a top-up logs the pid (redacted)
+        await srv.redeem("0123456789abcdef")
+    ours = [r for r in caplog.records if not r.name.startswith(("httpx", "httpcore"))]
+    text = "\n".join(f"{r.getMessage()} {getattr(r, 'fields', '')}" for r in ours)
+    assert "topped up" in text and "revoked" in text  # the events were logged...
+    for secret in (pid.hex(), token, "0123456789abcdef"):
+        assert secret not in text  # ...but never in full

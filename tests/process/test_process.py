@@ -185,6 +185,9 @@ def test_operator_cli(tmp_path: Path) -> None:
         assert cli(data, *sock, "backup", str(tmp_path / "b.tar")).returncode == 0
     finally:
         server.stop()
+    log = server.log()
+    assert "audit: revoke" in log
+    assert token not in log and pids[0] not in log and token not in revoked.stderr
     restore = cli(data, "db", "restore", str(tmp_path / "b.tar"))
     assert restore.returncode == 0, restore.stderr
     out = cli(data, "pid", "new", "--address",

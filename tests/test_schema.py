@@ -1,0 +1,63 @@
+"""Migrations: applied once, backed up first, unknown ones and the original's file refused."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from anon_ticket import schema
+from anon_ticket.errors import StorageError
+from tests.test_legacy import LEGACY_DDL
+
+
+def test_migrate_is_idempotent(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    assert schema.migrate(db) == list(schema.KNOWN)
+    assert schema.migrate(db) == []
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_unknown_migrations_are_refused(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    schema.migrate(db)
+    conn = sqlite3.connect(db)
+    conn.execute("INSERT INTO _sqlite_migrations (migration_set, name, applied_at) "
+                 "VALUES (?, 'm999_from_the_future', '2030-01-01')", (schema.MIGRATION_SET,))
+    conn.commit()
+    conn.close()
+    with pytest.raises(StorageError, match="newer anon-ticket"):
+        schema.migrate(db)
+
+
+def test_the_originals_database_points_at_import_legacy(tmp_path: Path) -> None:
+    db = tmp_path / "original.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(LEGACY_DDL)
+    conn.close()
+    with pytest.raises(schema.LegacyDatabase, match="db import-legacy"):
+        schema.migrate(db)
+
+
+def test_a_backup_is_taken_before_migrating_an_existing_database(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = tmp_path / "a.db"
+    schema.migrate(db)
+
+    @schema.migrations(name="m900_test_only")
+    def _extra(database: object) -> None:
+        sqlite3_conn = database.conn  # type: ignore[attr-defined]
+        sqlite3_conn.execute("CREATE TABLE extra (x)")
+
+    monkeypatch.setattr(schema, "KNOWN", (*schema.KNOWN, "m900_test_only"))
+    try:
+        assert schema.migrate(db) == ["m900_test_only"]
+        backups = list(tmp_path.glob("a.db.pre-m900_test_only-*.bak"))
+        assert len(backups) == 1
+        old = sqlite3.connect(backups[0])
+        names = {r[0] for r in old.execute("SELECT name FROM sqlite_master")}
+        assert "tickets" in names and "extra" not in names
+    finally:
+        schema.migrations._migrations.pop()
