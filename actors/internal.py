@@ -24,7 +24,11 @@ from anon_ticket.domain.messages import (
     Backup,
     FilterStats,
     ListSkipped,
+    PausePoller,
+    PollerStatus,
+    RescanFrom,
     RestartActor,
+    ResumePoller,
     Revoke,
     Shutdown,
     StorageStats,
@@ -78,7 +82,8 @@ class Internal:
 
     def __init__(self, config: InternalConfig, *, storage: Mailbox[Any], filter_: Mailbox[Any],
                  supervisor: Mailbox[Any], mailboxes: dict[str, Mailbox[Any]],
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, poller: Mailbox[Any] | None = None) -> None:
+        self.poller = poller
         self.config = config
         self.storage = storage
         self.filter = filter_
@@ -163,7 +168,35 @@ class Internal:
                 stats = await self.storage.ask(StorageStats(), timeout)
             except AnonTicketError as exc:
                 stats = {"error": str(exc)}
-            return json_response({"actors": [state_json(s) for s in tree], "storage": stats})
+            chain: dict[str, Any] | None = None
+            if self.poller is not None:
+                try:
+                    chain = await self.poller.ask(PollerStatus(), timeout)
+                except AnonTicketError as exc:
+                    chain = {"error": str(exc)}
+            return json_response({"actors": [state_json(s) for s in tree], "storage": stats,
+                                  "poller": chain})
+
+        def poller() -> Mailbox[Any]:
+            if self.poller is None:
+                raise InvalidInput("no poller runs in this process")
+            return self.poller
+
+        @app.post("/admin/poller/pause")
+        async def pause() -> Response:
+            return json_response(await poller().ask(PausePoller(), timeout))
+
+        @app.post("/admin/poller/resume")
+        async def resume() -> Response:
+            return json_response(await poller().ask(ResumePoller(), timeout))
+
+        @app.post("/admin/poller/rescan")
+        async def rescan() -> Response:
+            height = (await body()).get("from_height")
+            if type(height) is not int or height < 0:
+                raise InvalidInput("invalid request: `from_height` must be a non-negative "
+                                   "integer")
+            return json_response(await poller().ask(RescanFrom(height), timeout))
 
         @app.get("/admin/bloom")
         async def bloom() -> Response:

@@ -17,8 +17,16 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from anon_ticket import __version__
+from anon_ticket.domain.address import network_of
 from anon_ticket.domain.ids import PaymentId, ServiceToken
-from anon_ticket.domain.messages import Claim, Claimed, Lookup, LookupToken, Presence
+from anon_ticket.domain.messages import (
+    Claim,
+    Claimed,
+    Lookup,
+    LookupToken,
+    PollerStatus,
+    Presence,
+)
 from anon_ticket.errors import AnonTicketError, InvalidInput, NotFound, Unavailable
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
@@ -58,10 +66,11 @@ class Public:
     name = "public"
 
     def __init__(self, config: PublicConfig, storage: Mailbox[Any], filter_: Mailbox[Any],
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, poller: Mailbox[Any] | None = None) -> None:
         self.config = config
         self.storage = storage
         self.filter = filter_
+        self.poller = poller
         self.metrics = metrics
         self.draining = False
         self._stop = trio.Event()
@@ -152,11 +161,25 @@ class Public:
                 "abuse_score": info.abuse_score,
             })
 
+        async def chain_status() -> dict[str, Any] | None:
+            if self.poller is None:
+                return None
+            try:
+                status: dict[str, Any] = await self.poller.ask(PollerStatus(), 1.0)
+            except AnonTicketError:
+                return None
+            return status
+
         @app.get("/api/v1/info")
         async def info() -> Response:
+            primary, network = cfg.primary_address, cfg.network
+            if primary is None:
+                status = await chain_status()
+                primary = status["primary_address"] if status else None
+                network = network_of(primary) if primary else None
             return json_response({
-                "network": cfg.network,
-                "primary_address": cfg.primary_address,
+                "network": network,
+                "primary_address": primary,
                 "min_confirmations": cfg.min_confirmations,
                 "min_payment_amount": cfg.min_payment_amount,
                 "version": __version__,
@@ -171,7 +194,13 @@ class Public:
             if not all(actors.values()):
                 return json_response({"status": "unavailable", "actors": actors}, 503,
                                      {"Retry-After": "1"})
-            return json_response({"status": "ok", "actors": actors})
+            body: dict[str, Any] = {"status": "ok", "actors": actors}
+            if self.poller is not None:
+                chain = await chain_status()
+                body["chain"] = chain
+                if chain is None or chain["state"] != "ok":
+                    body["status"] = "degraded"  # redemption of recorded payments still works
+            return json_response(body)
 
         return app
 

@@ -36,13 +36,17 @@ from anon_ticket.domain.messages import (
     Invalidate,
     ListSkipped,
     LookupToken,
+    MarkVanished,
     ReadCursor,
+    RecentTransfers,
     Recorded,
+    RecordedTransfer,
     RecordTransfers,
     Revoke,
     SkippedRow,
     StorageStats,
     TokenInfo,
+    Vanished,
 )
 from anon_ticket.domain.timefmt import rfc3339
 from anon_ticket.domain.tokens import Derivation, derive
@@ -112,6 +116,8 @@ class Storage:
             Revoke: self._revoke,
             RecordTransfers: self._record,
             ReadCursor: self._read_cursor,
+            RecentTransfers: self._recent,
+            MarkVanished: self._vanish,
             ListSkipped: self._list_skipped,
             StorageStats: self._stats,
         }
@@ -323,6 +329,35 @@ class Storage:
     def _read_cursor(self, msg: ReadCursor) -> Handled:
         row = self._one("SELECT value FROM state WHERE key = 'cursor'", ())
         return (row[0] if row else None), ()
+
+    def _recent(self, msg: RecentTransfers) -> Handled:
+        assert self._cur is not None
+        rows: list[Any] = self._cur.execute(
+            "SELECT txid, pid, height FROM transfers WHERE height > ? AND vanished_at IS NULL",
+            (msg.above_height,)).fetchall()
+        return tuple(RecordedTransfer(r[0], PaymentId(r[1]), r[2]) for r in rows), ()
+
+    def _vanish(self, msg: MarkVanished) -> Handled:
+        raw = msg.pid.raw
+        row = self._one("SELECT amount FROM transfers WHERE txid = ? AND pid = ? "
+                        "AND vanished_at IS NULL", (msg.txid, raw))
+        if row is None:
+            raise NotFound("no such surviving transfer")
+        amount = row[0]
+        self._one("UPDATE transfers SET vanished_at = ? WHERE txid = ? AND pid = ?",
+                  (rfc3339(time.time()), msg.txid, raw))
+        self._one("UPDATE tickets SET amount = amount - ? WHERE pid = ?", (amount, raw))
+        (token,) = self._one("SELECT token FROM tickets WHERE pid = ?", (raw,))
+        claimed = token is not None
+        if claimed:
+            # Policy: the token stays; an operator must look at it.
+            self.metrics.alerts.labels("claimed_transfer_vanished").inc()
+            log.warning("alert: transfer of a claimed ticket vanished (reorg)",
+                        pid=msg.pid.redacted(), txid=msg.txid.hex()[:6] + "…", amount=amount)
+        else:
+            log.warning("transfer vanished (reorg); no longer claimable",
+                        pid=msg.pid.redacted(), amount=amount)
+        return Vanished(msg.pid, amount, claimed), (Invalidate((msg.pid,)),)
 
     def _list_skipped(self, msg: ListSkipped) -> Handled:
         assert self._cur is not None

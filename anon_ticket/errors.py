@@ -60,3 +60,33 @@ class DataDirLocked(AnonTicketError):
 
 class StorageError(AnonTicketError):
     """The database refused or failed; never shown to clients verbatim."""
+
+
+class RpcError(AnonTicketError):
+    """monero-wallet-rpc (or monerod) could not serve a call."""
+
+
+class RpcUnavailable(RpcError):
+    """Nothing answers at the RPC address (refused, reset, DNS)."""
+
+
+class RpcTimeout(RpcError):
+    """The call took longer than its method's timeout."""
+
+
+class RpcProtocolError(RpcError):
+    """An answer that is not the JSON-RPC we expect (HTML, bad JSON, missing fields, 401)."""
+
+
+class RpcBusy(RpcError):
+    """The wallet's daemon is busy (syncing): a wait, not a fault."""
+
+
+class RpcCallError(RpcError):
+    """The RPC answered with an error object."""
+
+    def __init__(self, method: str, code: int, message: str) -> None:
+        super().__init__(f"{method}: error {code}: {message}")
+        self.method = method
+        self.code = code
+        self.rpc_message = message

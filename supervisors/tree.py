@@ -5,6 +5,7 @@ root (one-for-one)
 ├── core (rest-for-one: the filter is fed by storage, so it restarts after it)
 │   ├── storage    single writer, group commit
 │   └── filter     Bloom filter + positive cache, prewarmed from the database
+├── poller         watches monero-wallet-rpc; records deep transfers through storage
 ├── public         redeem, token, info, healthz (serves once core is ready)
 └── internal       unix socket: metrics, revoke, admin commands
 ```
@@ -26,6 +27,7 @@ import trio
 
 from actors.filter import Filter, FilterConfig
 from actors.internal import Internal, InternalConfig
+from actors.poller import Poller, PollerConfig
 from actors.public import Public, PublicConfig
 from actors.storage import Storage, StorageConfig
 from anon_ticket import schema
@@ -42,6 +44,7 @@ from anon_ticket.errors import (
 )
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
+from anon_ticket.walletrpc import JsonRpc, WalletRpc
 from supervisors.mailbox import Mailbox
 from supervisors.supervisor import Backoff, ChildSpec, Escalation, Runnable, Strategy, Supervisor
 
@@ -53,11 +56,12 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 @dataclass
 class Mailboxes:
     storage: Mailbox[Any] = field(default_factory=lambda: Mailbox("storage", 8192))
+    poller: Mailbox[Any] = field(default_factory=lambda: Mailbox("poller", 64))
     filter: Mailbox[Any] = field(default_factory=lambda: Mailbox("filter", 65536))
     root: Mailbox[Any] = field(default_factory=lambda: Mailbox("supervisor", 64))
 
     def by_name(self) -> dict[str, Mailbox[Any]]:
-        return {"storage": self.storage, "filter": self.filter}
+        return {"storage": self.storage, "filter": self.filter, "poller": self.poller}
 
 
 @dataclass
@@ -79,8 +83,10 @@ def _stop_listener(actor: Runnable) -> None:
 
 def build_tree(settings: Settings, secret: bytes, *,
                storage_factory: Callable[..., Storage] = Storage,
-               on_open: Callable[[apsw.Connection], None] | None = None) -> Tree:
-    """Wire the actors; `storage_factory` and `on_open` are seams for fault-injection tests."""
+               on_open: Callable[[apsw.Connection], None] | None = None,
+               events: Mailbox[Any] | None = None) -> Tree:
+    """Wire the actors; `storage_factory` and `on_open` are seams for fault-injection tests,
+    `events` receives the poller's announcements (until the hub consumes them)."""
     network = None
     if settings.primary_address:
         try:
@@ -139,15 +145,33 @@ def build_tree(settings: Settings, secret: bytes, *,
         ], strategy=Strategy.REST_FOR_ONE, **limits),  # type: ignore[arg-type]
         status=_nested_status,
     )
-    public = ChildSpec("public", lambda: Public(public_cfg, mb.storage, mb.filter, metrics),
+    poller_cfg = PollerConfig(
+        min_confirmations=settings.min_confirmations,
+        min_payment_amount=settings.min_payment_amount,
+        poll_interval=settings.poll_interval_secs,
+        start_height=settings.start_height,
+        expected_primary=settings.primary_address,
+        request_timeout=settings.request_timeout_secs,
+    )
+    rpc_url, rpc_login = settings.monero_rpc_url, settings.monero_rpc_login
+    poller = None
+    if rpc_url is not None:
+        url: str = rpc_url
+        poller = ChildSpec("poller", lambda: Poller(
+            poller_cfg, lambda: WalletRpc(JsonRpc(url, login=rpc_login)), mb.poller,
+            mb.storage, metrics, events=events), mb.poller)
+    public = ChildSpec("public", lambda: Public(public_cfg, mb.storage, mb.filter, metrics,
+                                                poller=mb.poller if poller else None),
                        stop=_stop_listener)
     internal = ChildSpec(
         "internal",
         lambda: Internal(internal_cfg, storage=mb.storage, filter_=mb.filter,
-                         supervisor=mb.root, mailboxes=mb.by_name(), metrics=metrics),
+                         supervisor=mb.root, mailboxes=mb.by_name(), metrics=metrics,
+                         poller=mb.poller if poller else None),
         stop=_stop_listener,
     )
-    root = Supervisor("root", [core, public, internal], strategy=Strategy.ONE_FOR_ONE,
+    children = [core, *([poller] if poller else []), public, internal]
+    root = Supervisor("root", children, strategy=Strategy.ONE_FOR_ONE,
                       commands=mb.root, **limits)  # type: ignore[arg-type]
     return Tree(root, mb, metrics)
 

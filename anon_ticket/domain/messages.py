@@ -95,6 +95,35 @@ class ReadCursor:
 
 
 @dataclass(frozen=True, slots=True)
+class RecentTransfers:
+    """Surviving recorded transfers above a height (for the reorg check)."""
+
+    above_height: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedTransfer:
+    txid: bytes
+    pid: PaymentId
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
+class MarkVanished:
+    """A recorded transfer the synced wallet no longer knows (I6)."""
+
+    txid: bytes
+    pid: PaymentId
+
+
+@dataclass(frozen=True, slots=True)
+class Vanished:
+    pid: PaymentId
+    amount: int
+    claimed: bool
+
+
+@dataclass(frozen=True, slots=True)
 class ListSkipped:
     limit: int = 100
 
@@ -166,6 +195,49 @@ class Invalidate:
 
 @dataclass(frozen=True, slots=True)
 class FilterStats:
+    pass
+
+
+# --- poller ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentSeen:
+    """First sighting of a transfer to a payment id (pool or block); not claimable yet."""
+
+    pid: PaymentId
+    txid: str
+    amount: int
+    height: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmations:
+    pid: PaymentId
+    txid: str
+    confirmations: int
+    required: int
+
+
+@dataclass(frozen=True, slots=True)
+class PausePoller:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ResumePoller:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class RescanFrom:
+    """Scan again from this height on (I1 makes it harmless)."""
+
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
+class PollerStatus:
     pass
 
 

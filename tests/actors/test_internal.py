@@ -94,7 +94,8 @@ async def test_status_bloom_and_skipped(tmp_path: Path) -> None:
     async with running_server(tmp_path) as srv:
         status = (await srv.internal.get("/admin/status")).json()
         names = [a["name"] for a in status["actors"]]
-        assert names == ["core", "public", "internal"]
+        assert names == ["core", "poller", "public", "internal"]
+        assert status["poller"]["wallet_reachable"] is False  # the harness has no wallet
         core = status["actors"][0]
         assert [c["name"] for c in core["children"]] == ["storage", "filter"]
         assert all(c["state"] == "running" for c in core["children"])

@@ -132,8 +132,10 @@ async def test_info_and_health(tmp_path: Path) -> None:
         assert info == {"network": "mainnet", "primary_address": primary,
                         "min_confirmations": 3, "min_payment_amount": 10_000_000_000,
                         "version": info["version"]}
+        # no wallet behind MONERO_RPC_URL: degraded, yet redemption works (200)
         health = await srv.client.get("/healthz")
-        assert health.status_code == 200 and health.json()["status"] == "ok"
+        assert health.status_code == 200 and health.json()["status"] == "degraded"
+        assert health.json()["actors"] == {"storage": True, "filter": True}
 
 
 async def test_200_concurrent_redeems_of_one_pid_give_exactly_one_success(

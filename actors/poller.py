@@ -1,0 +1,363 @@
+"""The chain poller: watches the operator's wallet through monero-wallet-rpc.
+
+Each tick: `refresh`, `get_height`, then
+1. crediting windows: `get_transfers` (`in`, `filter_by_height`) over bounded windows from the
+   cursor to the deepest safe height, `min_height` exclusive (I5). Each window goes to storage
+   with the new cursor in one transaction (I4), split at block boundaries so a long catch-up
+   never holds the writer for long. Every height lands in exactly one crediting window.
+2. one `get_transfers` (`in`, `pool`) over a recent window below the wallet height: pool and
+   shallow transfers are announced (`payment_seen`, `confirmations`), never credited (I6);
+   deep ones found there are ingested again (a transfer re-mined lower after a reorg still
+   counts once, I1); a recorded transfer missing from it is declared vanished only if
+   `get_transfer_by_txid` no longer knows it (I6).
+Failures back off exponentially with jitter; the poller never exits on a wallet problem, and
+redemption of recorded payments does not depend on it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from anon_ticket.domain.ids import PaymentId
+from anon_ticket.domain.messages import (
+    Confirmations,
+    MarkVanished,
+    PausePoller,
+    PaymentSeen,
+    PollerStatus,
+    ReadCursor,
+    RecentTransfers,
+    RecordedTransfer,
+    RecordTransfers,
+    RescanFrom,
+    ResumePoller,
+    SkippedTransfer,
+    Transfer,
+)
+from anon_ticket.domain.transfers import classify, sighting
+from anon_ticket.errors import (
+    AnonTicketError,
+    ConfigError,
+    NotFound,
+    RpcBusy,
+    RpcError,
+    RpcTimeout,
+    RpcUnavailable,
+)
+from anon_ticket.logs import get_logger
+from anon_ticket.metrics import Metrics
+from anon_ticket.walletrpc import WalletIdentity, WalletRpc
+from supervisors.mailbox import Envelope, Mailbox
+
+log = get_logger("poller")
+
+# Transfers per storage message: small enough that claims interleave during a catch-up.
+CHUNK_TRANSFERS = 256
+SEEN_MEMORY = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class PollerConfig:
+    min_confirmations: int
+    min_payment_amount: int
+    poll_interval: float
+    start_height: int | None
+    expected_primary: str | None
+    request_timeout: float
+    window_blocks: int = 1000
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+
+    @property
+    def reorg_window(self) -> int:
+        return max(2 * self.min_confirmations, 20)
+
+
+def chunks_at_block_boundaries(transfers: list[Transfer], skipped: list[SkippedTransfer],
+                               window_top: int) -> list[RecordTransfers]:
+    """Split one window into storage messages that each end on a whole block."""
+    items: list[tuple[int, Transfer | SkippedTransfer]] = sorted(
+        [(t.height, t) for t in transfers] + [(s.height, s) for s in skipped],
+        key=lambda x: x[0])
+    out: list[RecordTransfers] = []
+    batch: list[Transfer | SkippedTransfer] = []
+    for i, (height, item) in enumerate(items):
+        batch.append(item)
+        last_of_block = i + 1 == len(items) or items[i + 1][0] != height
+        if len(batch) >= CHUNK_TRANSFERS and last_of_block and i + 1 < len(items):
+            out.append(_message(batch, height))
+            batch = []
+    out.append(_message(batch, window_top))
+    return out
+
+
+def _message(batch: list[Transfer | SkippedTransfer], cursor: int) -> RecordTransfers:
+    return RecordTransfers(
+        tuple(x for x in batch if isinstance(x, Transfer)),
+        tuple(x for x in batch if isinstance(x, SkippedTransfer)),
+        cursor=cursor,
+    )
+
+
+class Poller:
+    name = "poller"
+
+    def __init__(self, config: PollerConfig, wallet: Callable[[], WalletRpc],
+                 mailbox: Mailbox[Any], storage: Mailbox[Any], metrics: Metrics,
+                 events: Mailbox[Any] | None = None) -> None:
+        self.config = config
+        self.wallet = wallet()
+        self.mailbox = mailbox
+        self.storage = storage
+        self.metrics = metrics
+        self.events = events
+        self.identity: WalletIdentity | None = None
+        self.cursor: int | None = None
+        self.wallet_height: int | None = None
+        self.paused = False
+        self.last_success: float | None = None
+        self.last_error: str | None = None
+        self.failures = 0
+        self._wake = trio.Event()
+        self._seen: OrderedDict[str, int] = OrderedDict()
+        self._rng = random.Random()
+
+    # --- running ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                # Commands are served at once: status and pause work while the wallet is away.
+                nursery.start_soon(self._serve_commands)
+                task_status.started()
+                await self._loop()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.wallet.aclose()
+
+    async def _loop(self) -> None:
+        while True:
+            if not self.paused:
+                try:
+                    await self.tick()
+                except ConfigError:
+                    raise  # the wrong wallet: restarting cannot fix it (exit 2)
+                except RpcError as exc:
+                    self._failed(exc)
+                except AnonTicketError as exc:  # storage restarting: try again soon
+                    self._failed(exc)
+            delay = self.config.poll_interval
+            if self.failures:
+                base = min(self.config.backoff_max,
+                           self.config.backoff_initial * 2 ** (self.failures - 1))
+                delay = base * self._rng.uniform(0.5, 1.5)
+            self._update_gauges()
+            with trio.move_on_after(delay):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
+    def _failed(self, exc: AnonTicketError) -> None:
+        self.failures += 1
+        self.last_error = str(exc)
+        kind = ("timeout" if isinstance(exc, RpcTimeout) else
+                "unavailable" if isinstance(exc, RpcUnavailable) else
+                "busy" if isinstance(exc, RpcBusy) else "error")
+        self.metrics.rpc_calls.labels(kind).inc()
+        (log.warning if self.failures < 3 else log.error)(
+            "poll failed", error=str(exc), failures=self.failures)
+
+    async def _serve_commands(self) -> None:
+        env: Envelope[Any]
+        async for env in self.mailbox.inbox:
+            msg = env.msg
+            if isinstance(msg, PollerStatus):
+                env.reply(self.status())
+            elif isinstance(msg, PausePoller):
+                self.paused = True
+                log.info("audit: poller paused")
+                env.reply(self.status())
+            elif isinstance(msg, ResumePoller):
+                self.paused = False
+                log.info("audit: poller resumed")
+                self._wake.set()
+                env.reply(self.status())
+            elif isinstance(msg, RescanFrom):
+                await self.storage.ask(RecordTransfers((), cursor=max(0, msg.height - 1)),
+                                       self.config.request_timeout)
+                self.cursor = max(0, msg.height - 1)
+                log.info("audit: rescan", from_height=msg.height)
+                self._wake.set()
+                env.reply(self.status())
+
+    def status(self) -> dict[str, Any]:
+        lag = None
+        if self.wallet_height is not None and self.cursor is not None:
+            lag = max(0, self._safe_height(self.wallet_height) - self.cursor)
+        age = None if self.last_success is None else time.monotonic() - self.last_success
+        lagging = lag is not None and lag > max(self.config.window_blocks,
+                                                2 * self.config.min_confirmations)
+        stale = age is None or age > max(60.0, 6 * self.config.poll_interval)
+        return {
+            "state": "paused" if self.paused else ("degraded" if stale or lagging else "ok"),
+            "wallet_reachable": self.failures == 0 and self.last_success is not None,
+            "wallet_height": self.wallet_height,
+            "cursor": self.cursor,
+            "lag_blocks": lag,
+            "last_success_age_secs": None if age is None else round(age, 3),
+            "last_error": self.last_error,
+            "primary_address": self.identity.primary_address if self.identity else None,
+            "watch_only": self.identity.watch_only if self.identity else None,
+        }
+
+    def _update_gauges(self) -> None:
+        st = self.status()
+        if st["lag_blocks"] is not None:
+            self.metrics.poll_lag.set(st["lag_blocks"])
+        if st["last_success_age_secs"] is not None:
+            self.metrics.last_poll_age.set(st["last_success_age_secs"])
+
+    def _safe_height(self, wallet_height: int) -> int:
+        # confirmations = wallet height - transfer height (I6)
+        return wallet_height - self.config.min_confirmations
+
+    # --- one tick -------------------------------------------------------------------------
+
+    async def _check_identity(self) -> None:
+        identity = await self.wallet.identity()
+        expected = self.config.expected_primary
+        if expected is not None and identity.primary_address != expected:
+            raise ConfigError([
+                f"the wallet at {self.wallet.url} has primary address "
+                f"{identity.primary_address[:12]}…, not the configured {expected[:12]}…"])
+        if not identity.watch_only:
+            log.warning("the wallet can spend: a watch-only wallet (address + view key) is "
+                        "enough and safer")
+        log.info("wallet identified", primary_address=identity.primary_address,
+                 watch_only=identity.watch_only)
+        self.identity = identity
+
+    async def _load_cursor(self) -> int:
+        stored = await self.storage.ask(ReadCursor(), self.config.request_timeout)
+        if stored is not None:
+            return int(stored)
+        start = self.config.start_height
+        return max(0, start - 1) if start is not None else 0
+
+    async def tick(self) -> None:
+        if self.identity is None:
+            await self._check_identity()
+        if self.cursor is None:
+            self.cursor = await self._load_cursor()
+            log.info("poller starting", cursor=self.cursor)
+        await self.wallet.refresh()
+        height = await self.wallet.get_height()
+        self.wallet_height = height
+        self.metrics.wallet_height.set(height)
+        safe = self._safe_height(height)
+        await self._credit_up_to(safe)
+        await self._recent_window(height, safe)
+        self.metrics.rpc_calls.labels("ok").inc()
+        self.failures = 0
+        self.last_error = None
+        self.last_success = time.monotonic()
+
+    async def _credit_up_to(self, safe: int) -> None:
+        assert self.cursor is not None
+        started, first = time.monotonic(), self.cursor
+        last_report = started
+        while self.cursor < safe:
+            low = self.cursor
+            high = min(low + self.config.window_blocks, safe)
+            entries = await self.wallet.incoming(low, high)
+            transfers: list[Transfer] = []
+            skipped: list[SkippedTransfer] = []
+            for entry in entries:
+                result = classify(entry, self.config.min_payment_amount)
+                if isinstance(result, Transfer):
+                    transfers.append(result)
+                else:
+                    skipped.append(result)
+                    self.metrics.payments_ingested.labels(f"skipped_{result.reason}").inc()
+            for msg in chunks_at_block_boundaries(transfers, skipped, high):
+                recorded = await self.storage.ask(msg, self.config.request_timeout)
+                self.metrics.payments_ingested.labels("credited").inc(recorded.credited)
+                self.metrics.payments_ingested.labels("duplicate").inc(
+                    len(msg.transfers) - recorded.credited)
+                assert msg.cursor is not None
+                self.cursor = msg.cursor
+                self.metrics.last_height.set(self.cursor)
+            now = time.monotonic()
+            if now - last_report >= 5.0 and self.cursor < safe:
+                rate = (self.cursor - first) / (now - started)
+                eta = (safe - self.cursor) / rate if rate > 0 else None
+                log.info("catching up", height=self.cursor, target=safe,
+                         heights_per_sec=round(rate, 1),
+                         eta_secs=None if eta is None else round(eta))
+                last_report = now
+        self.metrics.last_height.set(self.cursor)
+
+    async def _recent_window(self, wallet_height: int, safe: int) -> None:
+        low = max(0, wallet_height - self.config.reorg_window)
+        entries = await self.wallet.pool_and_recent(low)
+        present: set[bytes] = set()
+        deep: list[Transfer] = []
+        for entry in entries:
+            seen = sighting(entry)
+            if seen is None:
+                continue
+            present.add(bytes.fromhex(seen.txid))
+            confirmations = 0 if seen.height is None else wallet_height - seen.height
+            if seen.height is not None and seen.height <= safe:
+                result = classify(entry, self.config.min_payment_amount)
+                if isinstance(result, Transfer):
+                    deep.append(result)
+            else:
+                self._announce(seen.pid, seen.txid, seen.amount, seen.height, confirmations)
+        recorded: tuple[RecordedTransfer, ...] = await self.storage.ask(
+            RecentTransfers(low), self.config.request_timeout)
+        known = {(r.txid, r.pid.raw): r.height for r in recorded}
+        again = [t for t in deep if known.get((t.txid, t.pid.raw)) != t.height]
+        if again:
+            # Re-mined (possibly lower) after a reorg, or below a cursor that moved on.
+            await self.storage.ask(RecordTransfers(tuple(again)), self.config.request_timeout)
+            log.info("re-ingested recent transfers", count=len(again))
+        for r in recorded:
+            if r.txid in present:
+                continue
+            if await self.wallet.transfer_exists(r.txid.hex()):
+                continue
+            try:
+                await self.storage.ask(MarkVanished(r.txid, r.pid), self.config.request_timeout)
+            except NotFound:
+                continue
+            self.metrics.payments_ingested.labels("vanished").inc()
+
+    def _announce(self, pid: PaymentId, txid: str, amount: int, height: int | None,
+                  confirmations: int) -> None:
+        first = txid not in self._seen
+        previous = self._seen.get(txid)
+        self._seen[txid] = confirmations
+        self._seen.move_to_end(txid)
+        while len(self._seen) > SEEN_MEMORY:
+            self._seen.popitem(last=False)
+        if first:
+            log.info("payment seen", pid=pid.redacted(), amount=amount,
+                     in_pool=height is None)
+            self._emit(PaymentSeen(pid, txid, amount, height))
+        if confirmations > 0 and previous != confirmations:
+            self._emit(Confirmations(pid, txid, confirmations, self.config.min_confirmations))
+
+    def _emit(self, event: object) -> None:
+        if self.events is None:
+            return
+        try:
+            self.events.tell(event)
+        except AnonTicketError:
+            pass  # announcements are best effort; committed facts come from storage
