@@ -61,7 +61,7 @@ def make(journal: Journal, names: list[str], strategy: Strategy = Strategy.ONE_F
 
 
 async def wait_until(predicate: Any) -> None:
-    while not predicate():  # noqa: ASYNC110 - polls virtual time (mock clock)
+    while not predicate():
         await trio.sleep(0.01)
 
 

@@ -1,0 +1,263 @@
+"""The poller's logic against a scripted wallet: windows, poison, failures, reorgs.
+
+The scripted wallet is fault injection and exact arithmetic; the same behaviour against a real
+regtest chain is in tests/e2e.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from actors.poller import CHUNK_TRANSFERS, Poller, PollerConfig, chunks_at_block_boundaries
+from anon_ticket.domain.ids import PaymentId
+from anon_ticket.domain.messages import (
+    Claim,
+    ClaimStatus,
+    Confirmations,
+    LookupToken,
+    PaymentSeen,
+    PollerStatus,
+    RecentTransfers,
+    RecordTransfers,
+    Transfer,
+)
+from anon_ticket.errors import NotFound, RpcTimeout, RpcUnavailable
+from anon_ticket.walletrpc import WalletIdentity
+from supervisors.mailbox import Mailbox
+from tests.actors.core import Core, run_core
+
+PRIMARY = "4" + "A" * 94
+
+
+def entry(pid: PaymentId | str | None, height: int, amount: int = 10**12, *,
+          kind: str = "in", unlock: int = 0, txid: str | None = None) -> dict[str, Any]:
+    text = pid.hex() if isinstance(pid, PaymentId) else pid
+    e: dict[str, Any] = {"txid": txid or os.urandom(32).hex(), "amount": amount,
+                         "height": height, "type": kind, "unlock_time": unlock}
+    if text is not None:
+        e["payment_id"] = text
+    return e
+
+
+class ScriptedWallet:
+    """Answers like wallet-rpc from a list of entries; can fail on demand."""
+
+    url = "scripted://wallet"
+
+    def __init__(self, height: int) -> None:
+        self.height = height
+        self.entries: list[dict[str, Any]] = []
+        self.pool: list[dict[str, Any]] = []
+        self.windows: list[tuple[int, int]] = []
+        self.fail: Exception | None = None
+        self.forgotten: set[str] = set()
+
+    def _check(self) -> None:
+        if self.fail is not None:
+            raise self.fail
+
+    async def aclose(self) -> None:
+        pass
+
+    async def identity(self) -> WalletIdentity:
+        self._check()
+        return WalletIdentity(PRIMARY, watch_only=True)
+
+    async def refresh(self) -> None:
+        self._check()
+
+    async def get_height(self) -> int:
+        self._check()
+        return self.height
+
+    async def incoming(self, min_height: int, max_height: int) -> list[dict[str, Any]]:
+        self._check()
+        self.windows.append((min_height, max_height))
+        return [e for e in self.entries if min_height < e["height"] <= max_height]
+
+    async def pool_and_recent(self, min_height: int) -> list[dict[str, Any]]:
+        self._check()
+        return [e for e in self.entries if e["height"] > min_height] + self.pool
+
+    async def transfer_exists(self, txid: str) -> bool:
+        self._check()
+        return txid not in self.forgotten and any(e["txid"] == txid for e in
+                                                  self.entries + self.pool)
+
+
+async def run_poller(core: Core, wallet: ScriptedWallet, nursery: trio.Nursery,
+                     events: Mailbox[Any] | None = None, **cfg: Any) -> Mailbox[Any]:
+    mb: Mailbox[Any] = Mailbox("poller", 64)
+    config = PollerConfig(**{"min_confirmations": 10, "min_payment_amount": 1000,
+                             "poll_interval": 0.01, "start_height": None,
+                             "expected_primary": None, "request_timeout": 5.0,
+                             "window_blocks": 100, "backoff_initial": 0.01,
+                             "backoff_max": 0.05, **cfg})
+    poller = Poller(config, lambda: wallet, mb, core.storage, core.metrics,  # type: ignore
+                    events=events)
+    await nursery.start(poller.run)
+    mb.serving = True
+    return mb
+
+
+async def wait_for(predicate: Any, timeout: float = 10) -> None:
+    with trio.fail_after(timeout):
+        while not await predicate():
+            await trio.sleep(0.01)
+
+
+async def cursor_is(mb: Mailbox[Any], value: int) -> bool:
+    return bool((await mb.ask(PollerStatus(), 5))["cursor"] == value)
+
+
+async def test_windows_cover_every_height_exactly_once(tmp_path: Path) -> None:
+    wallet = ScriptedWallet(height=1000)
+    pids = [PaymentId.generate() for _ in range(30)]
+    wallet.entries = [entry(p, 1 + i * 33) for i, p in enumerate(pids)]
+    async with run_core(tmp_path) as core, trio.open_nursery() as n:
+        mb = await run_poller(core, wallet, n)
+        await wait_for(lambda: cursor_is(mb, 990))
+        for _ in range(5):  # blocks arrive one at a time
+            wallet.height += 1
+            await wait_for(lambda: cursor_is(mb, wallet.height - 10))
+        covered: list[int] = []
+        for low, high in wallet.windows:
+            assert low < high
+            covered.extend(range(low + 1, high + 1))
+        assert sorted(covered) == list(range(1, wallet.height - 10 + 1))  # once each (I5)
+        for p in pids:
+            if 1 + pids.index(p) * 33 <= wallet.height - 10:
+                assert (await core.storage.ask(Claim(p), 5)).status is ClaimStatus.SUCCESS
+        n.cancel_scope.cancel()
+
+
+async def test_shallow_and_pool_payments_are_announced_not_claimable(tmp_path: Path) -> None:
+    wallet = ScriptedWallet(height=200)
+    pid = PaymentId.generate()
+    pooled = PaymentId.generate()
+    wallet.entries = [entry(pid, 195)]  # 5 confirmations of 10
+    wallet.pool = [entry(pooled, 0, kind="pool")]
+    events: Mailbox[Any] = Mailbox("events", 100)
+    async with run_core(tmp_path) as core, trio.open_nursery() as n:
+        mb = await run_poller(core, wallet, n, events=events)
+        await wait_for(lambda: cursor_is(mb, 190))
+        with pytest.raises(NotFound):
+            await core.storage.ask(Claim(pid), 5)
+        got = [events.inbox.receive_nowait().msg for _ in range(3)]
+        seen = {e.pid: e for e in got if isinstance(e, PaymentSeen)}
+        assert seen[pid].height == 195 and seen[pooled].height is None
+        confs = [e for e in got if isinstance(e, Confirmations)]
+        assert confs == [Confirmations(pid, wallet.entries[0]["txid"], 5, 10)]
+        wallet.height = 205  # now deep enough
+        await wait_for(lambda: cursor_is(mb, 195))
+        assert (await core.storage.ask(Claim(pid), 5)).balance == 10**12
+        n.cancel_scope.cancel()
+
+
+async def test_poison_transfers_are_skipped_by_reason_and_never_stall(tmp_path: Path) -> None:
+    wallet = ScriptedWallet(height=100)
+    good = PaymentId.generate()
+    wallet.entries = [
+        entry(None, 10), entry("0" * 16, 11), entry("ab" * 32, 12), entry(good, 13, 5),
+        entry(PaymentId.generate(), 14, 2**63), entry(PaymentId.generate(), 15, kind="block"),
+        entry(PaymentId.generate(), 16, unlock=500), entry("zz" * 8, 17),
+        {"height": 18, "amount": "lots", "type": "in"}, entry(good, 19),
+    ]
+    async with run_core(tmp_path) as core, trio.open_nursery() as n:
+        mb = await run_poller(core, wallet, n)
+        await wait_for(lambda: cursor_is(mb, 90))
+        assert (await core.storage.ask(Claim(good), 5)).balance == 10**12  # the dust one: no
+        from anon_ticket.domain.messages import ListSkipped
+        rows = await core.storage.ask(ListSkipped(100), 5)
+        reasons = sorted(r.reason for r in rows)
+        assert reasons == sorted(["no_payment_id", "no_payment_id", "legacy_payment_id", "dust",
+                                  "absurd_amount", "not_incoming", "time_locked",
+                                  "bad_payment_id", "malformed"])
+        n.cancel_scope.cancel()
+
+
+async def test_wallet_failures_back_off_degrade_and_recover(tmp_path: Path) -> None:
+    wallet = ScriptedWallet(height=100)
+    pid = PaymentId.generate()
+    async with run_core(tmp_path) as core, trio.open_nursery() as n:
+        mb = await run_poller(core, wallet, n)
+        await wait_for(lambda: cursor_is(mb, 90))
+        wallet.fail = RpcTimeout("get_height: no answer")
+        wallet.entries = [entry(pid, 95)]
+        wallet.height = 110
+
+        async def degraded() -> bool:
+            st = await mb.ask(PollerStatus(), 5)
+            return bool(st["wallet_reachable"] is False and "no answer" in st["last_error"])
+
+        await wait_for(degraded)
+        wallet.fail = RpcUnavailable("refused")
+        await trio.sleep(0.1)
+        wallet.fail = None
+        await wait_for(lambda: cursor_is(mb, 100))  # caught up by itself
+        st = await mb.ask(PollerStatus(), 5)
+        assert st["wallet_reachable"] and st["last_error"] is None
+        assert (await core.storage.ask(Claim(pid), 5)).status is ClaimStatus.SUCCESS
+        n.cancel_scope.cancel()
+
+
+async def test_vanished_transfers_unclaimed_and_claimed(tmp_path: Path) -> None:
+    wallet = ScriptedWallet(height=100)
+    unclaimed, claimed = PaymentId.generate(), PaymentId.generate()
+    wallet.entries = [entry(unclaimed, 85), entry(claimed, 86)]
+    async with run_core(tmp_path) as core, trio.open_nursery() as n:
+        mb = await run_poller(core, wallet, n)
+        await wait_for(lambda: cursor_is(mb, 90))
+        token = (await core.storage.ask(Claim(claimed), 5)).token
+        # a reorg drops both transactions; the wallet no longer knows them
+        wallet.forgotten = {e["txid"] for e in wallet.entries}
+        wallet.entries = []
+        wallet.height = 101
+
+        async def gone() -> bool:
+            return bool(await core.storage.ask(RecentTransfers(0), 5) == ())
+
+        await wait_for(gone)
+        with pytest.raises(NotFound):  # vanished and unclaimed: no longer claimable
+            await core.storage.ask(Claim(unclaimed), 5)
+        info = await core.storage.ask(LookupToken(token), 5)  # the token stays (policy)
+        assert info.amount == 0
+        assert core.metrics.alerts.labels("claimed_transfer_vanished")._value.get() == 1
+        n.cancel_scope.cancel()
+
+
+async def test_a_transfer_re_mined_lower_counts_once(tmp_path: Path) -> None:
+    wallet = ScriptedWallet(height=100)
+    pid = PaymentId.generate()
+    txid = os.urandom(32).hex()
+    wallet.entries = [entry(pid, 88, txid=txid)]
+    async with run_core(tmp_path) as core, trio.open_nursery() as n:
+        mb = await run_poller(core, wallet, n)
+        await wait_for(lambda: cursor_is(mb, 90))
+        wallet.entries = [entry(pid, 84, txid=txid)]  # the same tx in a lower block
+        wallet.height = 101
+        await wait_for(lambda: cursor_is(mb, 91))
+        await trio.sleep(0.05)
+        assert (await core.storage.ask(Claim(pid), 5)).balance == 10**12
+        n.cancel_scope.cancel()
+
+
+def test_chunks_end_on_block_boundaries() -> None:
+    pid = PaymentId.generate()
+    transfers = [Transfer(os.urandom(32), pid, 1, 10 + i // 100) for i in range(1000)]
+    msgs = chunks_at_block_boundaries(transfers, [], 50)
+    assert sum(len(m.transfers) for m in msgs) == 1000
+    assert msgs[-1].cursor == 50
+    for m in msgs[:-1]:
+        heights = {t.height for t in m.transfers}
+        assert m.cursor == max(heights)
+        assert len(m.transfers) >= CHUNK_TRANSFERS
+    for a, b in itertools.pairwise(msgs):
+        assert max(t.height for t in a.transfers) < min(t.height for t in b.transfers)
+    assert chunks_at_block_boundaries([], [], 7) == [RecordTransfers((), (), cursor=7)]
