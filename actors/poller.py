@@ -36,6 +36,7 @@ from anon_ticket.domain.messages import (
     RecentTransfers,
     RecordedTransfer,
     RecordTransfers,
+    Reorg,
     RescanFrom,
     ResumePoller,
     SkippedTransfer,
@@ -204,9 +205,11 @@ class Poller:
         lagging = lag is not None and lag > max(self.config.window_blocks,
                                                 2 * self.config.min_confirmations)
         stale = age is None or age > max(60.0, 6 * self.config.poll_interval)
+        reachable = self.failures == 0 and self.last_success is not None
         return {
-            "state": "paused" if self.paused else ("degraded" if stale or lagging else "ok"),
-            "wallet_reachable": self.failures == 0 and self.last_success is not None,
+            "state": "paused" if self.paused else (
+                "ok" if reachable and not (stale or lagging) else "degraded"),
+            "wallet_reachable": reachable,
             "wallet_height": self.wallet_height,
             "cursor": self.cursor,
             "lag_blocks": lag,
@@ -334,10 +337,12 @@ class Poller:
             if await self.wallet.transfer_exists(r.txid.hex()):
                 continue
             try:
-                await self.storage.ask(MarkVanished(r.txid, r.pid), self.config.request_timeout)
+                gone = await self.storage.ask(MarkVanished(r.txid, r.pid),
+                                              self.config.request_timeout)
             except NotFound:
                 continue
             self.metrics.payments_ingested.labels("vanished").inc()
+            self._emit(Reorg(gone.pid, r.txid.hex(), gone.amount, gone.claimed))
 
     def _announce(self, pid: PaymentId, txid: str, amount: int, height: int | None,
                   confirmations: int) -> None:

@@ -20,6 +20,7 @@ import httpx
 from anon_ticket import __version__, logs
 from anon_ticket.config import Settings, add_setting_flags, cli_values, load_settings
 from anon_ticket.datadir import DataDir
+from anon_ticket.devcli import add_dev_parser, run_dev
 from anon_ticket.errors import (
     AnonTicketError,
     ConfigError,
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting_flags(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("serve", help="run the service (needs MONERO_RPC_URL)")
+    sub.add_parser("serve", help="run the service (needs MONERO_RPC_URL or --dev-chain)")
 
     pid = sub.add_parser("pid", help="payment ids").add_subparsers(dest="pid_cmd", required=True)
     new = pid.add_parser("new", help="draw a payment id and build its integrated address")
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     rs = csub.add_parser("restart", help="restart one actor")
     rs.add_argument("actor")
     csub.add_parser("shutdown", help="stop the server gracefully")
+
+    add_dev_parser(sub)
 
     db = sub.add_parser("db", help="database maintenance").add_subparsers(
         dest="db_cmd", required=True)
@@ -105,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _ctl(settings, args)
         if args.command == "db":
             return _db(settings, args)
+        if args.command == "dev":
+            return run_dev(settings.data_dir, args)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"anon-ticket: {problem}", file=sys.stderr)
@@ -123,9 +128,13 @@ def _serve(settings: Settings) -> int:
 
     from supervisors.tree import run_server
 
-    if not settings.monero_rpc_url:
+    if settings.dev_chain and settings.monero_rpc_url:
+        print("anon-ticket: --dev-chain runs its own wallet; MONERO_RPC_URL is ignored",
+              file=sys.stderr)
+    elif not settings.monero_rpc_url and not settings.dev_chain:
         print("anon-ticket: serve needs a chain: set MONERO_RPC_URL (a monero-wallet-rpc "
-              "URL, e.g. http://127.0.0.1:18083/json_rpc)", file=sys.stderr)
+              "URL, e.g. http://127.0.0.1:18083/json_rpc), or run a private regtest chain "
+              "with: anon-ticket --dev-chain serve", file=sys.stderr)
         return EXIT_USAGE
     return trio.run(run_server, settings)
 

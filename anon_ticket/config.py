@@ -243,6 +243,8 @@ class Settings:
     min_confirmations: int = 10
     min_payment_amount: int = 10_000_000_000
     poll_interval_secs: float = 5.0
+    scan_window_blocks: int = 1000
+    rpc_timeout_secs: float | None = None
     pid_bloom_entries: int = 1_000_000
     pid_bloom_fp_rate: float = 1e-6
     allow_no_bloom: bool = False
@@ -397,6 +399,12 @@ _SPECS: tuple[_Spec, ...] = (
         ("MONITOR_MIN_PAYMENT_AMOUNT",),
     ),
     _Spec("poll_interval_secs", "wallet poll interval in seconds", ("MONITOR_POLL_INTERVAL_SECS",)),
+    _Spec("scan_window_blocks", "heights per get_transfers crediting window (1..100000)"),
+    _Spec(
+        "rpc_timeout_secs",
+        "cap on every wallet-rpc call's timeout (default: per method, refresh 300 s)",
+        default_text="per method",
+    ),
     _Spec(
         "pid_bloom_entries",
         "Bloom filter capacity (0 = no filter, needs --allow-no-bloom)",
@@ -706,6 +714,10 @@ def load_settings(
         poll_interval_secs=src.take(
             "poll_interval_secs", _float(0, lo_open=True), d.poll_interval_secs
         ),
+        scan_window_blocks=src.take("scan_window_blocks", _int(1, 100_000),
+                                    d.scan_window_blocks),
+        rpc_timeout_secs=src.take("rpc_timeout_secs", _float(0, lo_open=True),
+                                  d.rpc_timeout_secs),
         pid_bloom_entries=src.take("pid_bloom_entries", _int(0), d.pid_bloom_entries),
         pid_bloom_fp_rate=src.take(
             "pid_bloom_fp_rate", _float(0, lo_open=True, hi=1), d.pid_bloom_fp_rate

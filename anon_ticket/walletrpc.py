@@ -72,8 +72,10 @@ class JsonRpc:
     """One JSON-RPC endpoint (`.../json_rpc`); also reaches plain paths of monerod."""
 
     def __init__(self, url: str, *, login: str | None = None,
+                 timeout_cap: float | None = None,
                  client: httpx.AsyncClient | None = None) -> None:
         self.url = url
+        self.timeout_cap = timeout_cap
         auth = None
         if login:
             user, _, password = login.partition(":")
@@ -87,6 +89,8 @@ class JsonRpc:
     async def call(self, method: str, params: dict[str, Any] | None = None,
                    timeout: float | None = None) -> dict[str, Any]:
         timeout = timeout if timeout is not None else TIMEOUTS.get(method, DEFAULT_TIMEOUT)
+        if self.timeout_cap is not None:
+            timeout = min(timeout, self.timeout_cap)
         body = {"jsonrpc": "2.0", "id": next(self._ids), "method": method,
                 "params": params or {}}
         with _translate(self.url, method, timeout):

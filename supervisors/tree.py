@@ -2,6 +2,7 @@
 
 ```
 root (one-for-one)
+├── devchain       only with --dev-chain: monerod --regtest + wallet-rpcs as child processes
 ├── core (rest-for-one: the filter is fed by storage, so it restarts after it)
 │   ├── storage    single writer, group commit
 │   └── filter     Bloom filter + positive cache, prewarmed from the database
@@ -25,6 +26,7 @@ from typing import Any
 import apsw
 import trio
 
+from actors.devchain import DevChainActor
 from actors.filter import Filter, FilterConfig
 from actors.internal import Internal, InternalConfig
 from actors.poller import Poller, PollerConfig
@@ -33,6 +35,8 @@ from actors.storage import Storage, StorageConfig
 from anon_ticket import schema
 from anon_ticket.config import Settings
 from anon_ticket.datadir import DataDir
+from anon_ticket.devchain import DevChain, plan_ports
+from anon_ticket.devcli import DEVCHAIN_DIR
 from anon_ticket.domain.address import validate_primary
 from anon_ticket.domain.tokens import Derivation
 from anon_ticket.errors import (
@@ -152,13 +156,23 @@ def build_tree(settings: Settings, secret: bytes, *,
         start_height=settings.start_height,
         expected_primary=settings.primary_address,
         request_timeout=settings.request_timeout_secs,
+        window_blocks=settings.scan_window_blocks,
     )
     rpc_url, rpc_login = settings.monero_rpc_url, settings.monero_rpc_login
+    devchain = None
+    if settings.dev_chain:
+        root_dir = settings.data_dir / DEVCHAIN_DIR
+        ports = plan_ports()
+        devchain = ChildSpec("devchain", lambda: DevChainActor(root_dir, ports,
+                                                               grace=settings.grace_secs))
+        rpc_url, rpc_login = DevChain(root_dir, ports).watch_wallet_url, None
     poller = None
     if rpc_url is not None:
         url: str = rpc_url
         poller = ChildSpec("poller", lambda: Poller(
-            poller_cfg, lambda: WalletRpc(JsonRpc(url, login=rpc_login)), mb.poller,
+            poller_cfg,
+            lambda: WalletRpc(JsonRpc(url, login=rpc_login, timeout_cap=settings.rpc_timeout_secs)),
+            mb.poller,
             mb.storage, metrics, events=events), mb.poller)
     public = ChildSpec("public", lambda: Public(public_cfg, mb.storage, mb.filter, metrics,
                                                 poller=mb.poller if poller else None),
@@ -170,7 +184,8 @@ def build_tree(settings: Settings, secret: bytes, *,
                          poller=mb.poller if poller else None),
         stop=_stop_listener,
     )
-    children = [core, *([poller] if poller else []), public, internal]
+    children = [*([devchain] if devchain else []), core, *([poller] if poller else []),
+                public, internal]
     root = Supervisor("root", children, strategy=Strategy.ONE_FOR_ONE,
                       commands=mb.root, **limits)  # type: ignore[arg-type]
     return Tree(root, mb, metrics)

@@ -1,0 +1,5 @@
+"""Session fixtures shared by the whole suite."""
+
+from tests.chain import regtest_chain
+
+__all__ = ["regtest_chain"]
