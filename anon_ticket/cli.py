@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     rs = csub.add_parser("restart", help="restart one actor")
     rs.add_argument("actor")
     csub.add_parser("shutdown", help="stop the server gracefully")
+    pl = csub.add_parser("poller", help="pause, resume or rescan the chain poller")
+    pl.add_argument("action", choices=["pause", "resume", "rescan"])
+    pl.add_argument("--from", dest="from_height", type=int,
+                    help="with rescan: the first height to scan again")
 
     add_dev_parser(sub)
 
@@ -183,6 +187,15 @@ def _ctl(settings: Settings, args: argparse.Namespace) -> int:
         routes["revoke"] = ("POST", f"/api/v1/token/{args.token}/revoke", body)
     elif cmd == "backup":
         routes["backup"] = ("POST", "/admin/backup", {"path": str(Path(args.path).resolve())})
+    elif cmd == "poller":
+        if args.action == "rescan":
+            if args.from_height is None:
+                print("anon-ticket: ctl poller rescan needs --from HEIGHT", file=sys.stderr)
+                return EXIT_USAGE
+            routes["poller"] = ("POST", "/admin/poller/rescan",
+                                {"from_height": args.from_height})
+        else:
+            routes["poller"] = ("POST", f"/admin/poller/{args.action}", {})
     elif cmd == "restart":
         routes["restart"] = ("POST", f"/admin/actors/{args.actor}/restart", {})
     method, path, body = routes[cmd]
