@@ -32,7 +32,9 @@ from anon_ticket.domain.messages import (
     Invalidate,
     Lookup,
     Presence,
+    Publish,
 )
+from anon_ticket.errors import AnonTicketError
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
 from supervisors.mailbox import Envelope, Mailbox
@@ -69,9 +71,11 @@ def build_bloom(config: FilterConfig, seed: int) -> BloomFilter:
 class Filter:
     name = "filter"
 
-    def __init__(self, config: FilterConfig, mailbox: Mailbox[Any], metrics: Metrics) -> None:
+    def __init__(self, config: FilterConfig, mailbox: Mailbox[Any], metrics: Metrics,
+                 hub: Mailbox[Any] | None = None) -> None:
         self.config = config
         self.mailbox = mailbox
+        self.hub = hub
         self.metrics = metrics
         self.bloom: BloomFilter | None = None
         self._cache: OrderedDict[bytes, tuple[float, Claimed]] = OrderedDict()
@@ -96,6 +100,7 @@ class Filter:
             CacheClaim: self._cache_claim,
             Invalidate: self._invalidate,
             FilterStats: self._stats,
+            Publish: self._publish,
         }
         env: Envelope[Any]
         async for env in self.mailbox.inbox:
@@ -126,6 +131,20 @@ class Filter:
                 self.bloom.add(pid.raw)
             self.metrics.bloom_entries.set(len(self.bloom))
         env.reply(msg.ack)
+        if msg.events:
+            self._to_hub(msg.events)
+
+    def _publish(self, env: Envelope[Any]) -> None:
+        self._to_hub(env.msg.events)
+
+    def _to_hub(self, events: tuple[object, ...]) -> None:
+        """Committed events, in commit order; the hub never holds up this actor."""
+        if self.hub is None:
+            return
+        try:
+            self.hub.tell(Publish(events))  # type: ignore[arg-type]
+        except AnonTicketError:
+            self.metrics.alerts.labels("hub_mailbox_full").inc()
 
     def _cache_claim(self, env: Envelope[Any]) -> None:
         msg: CacheClaim = env.msg

@@ -22,6 +22,7 @@ from anon_ticket.domain.ids import ServiceToken
 from anon_ticket.domain.messages import (
     ActorState,
     Backup,
+    Drain,
     FilterStats,
     ListSkipped,
     PausePoller,
@@ -82,8 +83,11 @@ class Internal:
 
     def __init__(self, config: InternalConfig, *, storage: Mailbox[Any], filter_: Mailbox[Any],
                  supervisor: Mailbox[Any], mailboxes: dict[str, Mailbox[Any]],
-                 metrics: Metrics, poller: Mailbox[Any] | None = None) -> None:
+                 metrics: Metrics, poller: Mailbox[Any] | None = None,
+                 public: Mailbox[Any] | None = None, hub: Mailbox[Any] | None = None) -> None:
         self.poller = poller
+        self.public = public
+        self.hub = hub
         self.config = config
         self.storage = storage
         self.filter = filter_
@@ -227,6 +231,13 @@ class Internal:
         async def restart(name: str) -> Response:
             await self.supervisor.ask(RestartActor(name), timeout)
             return json_response({"restarted": name})
+
+        @app.post("/admin/drain")
+        async def drain() -> Response:
+            if self.public is None:
+                raise InvalidInput("no public listener runs in this process")
+            log.info("audit: drain")
+            return json_response(await self.public.ask(Drain("operator command"), timeout))
 
         @app.post("/admin/shutdown")
         async def shutdown() -> Response:

@@ -33,11 +33,14 @@ from anon_ticket.domain.messages import (
     Claim,
     Claimed,
     ClaimStatus,
+    EventKind,
     Invalidate,
     ListSkipped,
     LookupToken,
     MarkVanished,
+    Publish,
     ReadCursor,
+    ReadTicketState,
     RecentTransfers,
     Recorded,
     RecordedTransfer,
@@ -45,6 +48,8 @@ from anon_ticket.domain.messages import (
     Revoke,
     SkippedRow,
     StorageStats,
+    TicketEvent,
+    TicketState,
     TokenInfo,
     Vanished,
 )
@@ -78,7 +83,7 @@ class _Forward:
     msg: AddPids
 
 
-Effect = CacheClaim | Invalidate
+Effect = CacheClaim | Invalidate | Publish
 Handled = tuple[object, tuple[Effect, ...]]
 
 
@@ -118,11 +123,13 @@ class Storage:
             ReadCursor: self._read_cursor,
             RecentTransfers: self._recent,
             MarkVanished: self._vanish,
+            ReadTicketState: self._ticket_state,
             ListSkipped: self._list_skipped,
             StorageStats: self._stats,
         }
         self._kinds = {t: t.__name__.lower() for t in self._handlers}
         self._checkpoint_wanted = trio.Event()
+        self._epoch = 0
 
     # --- running ----------------------------------------------------------------------------
 
@@ -131,6 +138,10 @@ class Storage:
         self._cur = conn.cursor()
         # Replaces SQLite's autocheckpoint, which would run inline in a COMMIT on the loop.
         conn.setwalhook(self._wal_hook)
+        row = conn.execute("SELECT value FROM state WHERE key = 'epoch'").fetchone()
+        if row is None:
+            raise StorageError("the database has no event epoch: run its migrations")
+        self._epoch = int(row[0])
         if self._on_open is not None:
             self._on_open(conn)
         try:
@@ -162,7 +173,7 @@ class Storage:
                     env.fail(Unavailable("storage is restarting"))
                 raise
             for effect in effects:
-                if isinstance(effect, Invalidate):
+                if isinstance(effect, Invalidate | Publish):
                     await self.filter.tell_wait(effect)  # must not be lost
                 else:
                     try:
@@ -228,8 +239,19 @@ class Storage:
     # --- request handlers (inside the batch transaction) --------------------------------------
 
     def _one(self, sql: str, args: tuple[Any, ...]) -> Any:
+        """The first row, with the statement run to completion: a half-stepped
+        `UPDATE ... RETURNING` would keep its write open and block the next savepoint."""
         assert self._cur is not None
-        return self._cur.execute(sql, args).fetchone()
+        rows = self._cur.execute(sql, args).fetchall()
+        return rows[0] if rows else None
+
+    def _event(self, kind: EventKind, pid: PaymentId, token: bytes | None,
+               **fields: object) -> TicketEvent:
+        """Number a committed fact of one ticket (in this transaction, so in commit order)."""
+        (seq,) = self._one("UPDATE tickets SET seq = seq + 1 WHERE pid = ? RETURNING seq",
+                           (pid.raw,))
+        return TicketEvent(kind, pid, ServiceToken(token) if token else None, seq, self._epoch,
+                           tuple(fields.items()))
 
     def _claim(self, msg: Claim) -> Handled:
         raw = msg.pid.raw
@@ -250,7 +272,9 @@ class Storage:
         # Claim and token are one statement in one transaction (I3).
         self._one("UPDATE tickets SET token = ?, claimed_at = ? WHERE pid = ?",
                   (token.raw, rfc3339(time.time()), raw))
-        return Claimed(ClaimStatus.SUCCESS, token, amount), (CacheClaim(msg.pid, token, amount),)
+        event = self._event(EventKind.CLAIMED, msg.pid, token.raw, balance=amount)
+        return Claimed(ClaimStatus.SUCCESS, token, amount), (
+            CacheClaim(msg.pid, token, amount), Publish((event,)))
 
     def _token_info(self, token: ServiceToken) -> tuple[bytes, TokenInfo]:
         row = self._one(
@@ -272,12 +296,15 @@ class Storage:
         self._one("UPDATE tickets SET revoked_at = ?, revoke_reason = ?, abuse_score = ? "
                   "WHERE pid = ?", (rfc3339(time.time()), msg.reason, score, pid))
         log.info("token revoked", token=msg.token.redacted(), abuse_score=score)
-        return self._token_info(msg.token)[1], (Invalidate((PaymentId(pid),)),)
+        event = self._event(EventKind.REVOKED, PaymentId(pid), msg.token.raw,
+                            abuse_score=score)
+        return self._token_info(msg.token)[1], (Invalidate((PaymentId(pid),)), Publish((event,)))
 
     def _record(self, msg: RecordTransfers) -> Handled:
         now = rfc3339(time.time())
         new_pids: list[PaymentId] = []
         topped: list[PaymentId] = []
+        events: list[TicketEvent] = []
         credited = 0
         for t in msg.transfers:
             raw = t.pid.raw
@@ -313,6 +340,10 @@ class Storage:
                 self._one("UPDATE transfers SET vanished_at = NULL, height = ?, amount = ? "
                           "WHERE txid = ? AND pid = ?", (t.height, t.amount, t.txid, raw))
             credited += 1
+            token_raw = ticket[1] if ticket is not None else None
+            balance = t.amount if ticket is None else ticket[0] + t.amount
+            kind = EventKind.TOPPED_UP if token_raw else EventKind.PAYMENT_CONFIRMED
+            events.append(self._event(kind, t.pid, token_raw, amount=t.amount, balance=balance))
         for s in msg.skipped:
             self._one("INSERT OR IGNORE INTO skipped (txid, reason, amount, height, payment_id, "
                       "recorded_at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -323,7 +354,10 @@ class Storage:
         recorded = Recorded(credited, tuple(new_pids), tuple(topped), msg.cursor)
         effects: tuple[Effect, ...] = (Invalidate(tuple(topped)),) if topped else ()
         if new_pids:
-            return _Forward(AddPids(tuple(new_pids), ack=recorded)), effects
+            # The filter adds the ids, then acknowledges, then hands the events to the hub.
+            return _Forward(AddPids(tuple(new_pids), ack=recorded, events=tuple(events))), effects
+        if events:
+            effects = (*effects, Publish(tuple(events)))
         return recorded, effects
 
     def _read_cursor(self, msg: ReadCursor) -> Handled:
@@ -349,6 +383,7 @@ class Storage:
         self._one("UPDATE tickets SET amount = amount - ? WHERE pid = ?", (amount, raw))
         (token,) = self._one("SELECT token FROM tickets WHERE pid = ?", (raw,))
         claimed = token is not None
+        event = self._event(EventKind.REORG, msg.pid, token, amount=amount, claimed=claimed)
         if claimed:
             # Policy: the token stays; an operator must look at it.
             self.metrics.alerts.labels("claimed_transfer_vanished").inc()
@@ -357,7 +392,25 @@ class Storage:
         else:
             log.warning("transfer vanished (reorg); no longer claimable",
                         pid=msg.pid.redacted(), amount=amount)
-        return Vanished(msg.pid, amount, claimed), (Invalidate((msg.pid,)),)
+        return Vanished(msg.pid, amount, claimed), (Invalidate((msg.pid,)), Publish((event,)))
+
+    def _ticket_state(self, msg: ReadTicketState) -> Handled:
+        if msg.token is not None:
+            row = self._one("SELECT pid, amount, token, revoked_at, seq FROM tickets "
+                            "WHERE token = ?", (msg.token.raw,))
+            if row is None:
+                raise NotFound(NOT_FOUND)
+        else:
+            assert msg.pid is not None
+            row = self._one("SELECT pid, amount, token, revoked_at, seq FROM tickets "
+                            "WHERE pid = ?", (msg.pid.raw,))
+            if row is None:  # never paid (yet): a watcher just waits
+                return TicketState(msg.pid, None, 0, self._epoch, "waiting", 0), ()
+        pid, amount, token, revoked_at, seq = row
+        status = ("revoked" if revoked_at else "claimed" if token else
+                  "claimable" if amount > 0 else "waiting")
+        return TicketState(PaymentId(pid), ServiceToken(token) if token else None, seq,
+                           self._epoch, status, amount), ()
 
     def _list_skipped(self, msg: ListSkipped) -> Handled:
         assert self._cur is not None

@@ -8,6 +8,7 @@ the database: without it, stored tokens stay valid but new claims would derive d
 from __future__ import annotations
 
 import os
+import secrets
 import tarfile
 import tempfile
 import time
@@ -65,6 +66,19 @@ def write_backup(db_path: Path, secret_path: Path, dest: Path) -> BackupResult:
     return BackupResult(dest, dest.stat().st_size, time.monotonic() - started)
 
 
+def _new_epoch(db: Path) -> None:
+    """Event numbers may go back with a restore: watchers must not resume across it."""
+    conn = apsw.Connection(str(db))
+    try:
+        with conn:
+            conn.execute("UPDATE state SET value = ? WHERE key = 'epoch'",
+                         (secrets.randbelow(2**53 - 1) + 1,))
+    except apsw.SQLError:
+        pass  # written before event numbering existed: its migration creates the epoch
+    finally:
+        conn.close()
+
+
 def restore_backup(archive: Path, db_path: Path, secret_path: Path) -> None:
     """Replace the database (and the secret, when the backup has one) from `archive`.
 
@@ -88,6 +102,7 @@ def restore_backup(archive: Path, db_path: Path, secret_path: Path) -> None:
             check.close()
         if result != [("ok",)]:
             raise StorageError(f"{archive}: the database in it fails its integrity check")
+        _new_epoch(copy)
         for suffix in ("-wal", "-shm"):
             Path(f"{db_path}{suffix}").unlink(missing_ok=True)
         os.replace(copy, db_path)

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from anon_ticket import __version__, logs
+from anon_ticket.client import add_client_parsers, run_client
 from anon_ticket.config import Settings, add_setting_flags, cli_values, load_settings
 from anon_ticket.datadir import DataDir
 from anon_ticket.devcli import add_dev_parser, run_dev
@@ -63,12 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     rs = csub.add_parser("restart", help="restart one actor")
     rs.add_argument("actor")
     csub.add_parser("shutdown", help="stop the server gracefully")
+    csub.add_parser("drain", help="answer claims with 503 and close watchers (before a stop)")
     pl = csub.add_parser("poller", help="pause, resume or rescan the chain poller")
     pl.add_argument("action", choices=["pause", "resume", "rescan"])
     pl.add_argument("--from", dest="from_height", type=int,
                     help="with rescan: the first height to scan again")
 
     add_dev_parser(sub)
+    add_client_parsers(sub)
 
     db = sub.add_parser("db", help="database maintenance").add_subparsers(
         dest="db_cmd", required=True)
@@ -114,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _db(settings, args)
         if args.command == "dev":
             return run_dev(settings.data_dir, args)
+        if args.command in ("redeem", "token", "watch"):
+            return run_client(args)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"anon-ticket: {problem}", file=sys.stderr)
@@ -177,6 +182,7 @@ def _ctl(settings: Settings, args: argparse.Namespace) -> int:
         "bloom": ("GET", "/admin/bloom", None),
         "skipped": ("GET", f"/admin/skipped?limit={getattr(args, 'limit', 100)}", None),
         "shutdown": ("POST", "/admin/shutdown", {}),
+        "drain": ("POST", "/admin/drain", {}),
     }
     if cmd == "revoke":
         body: dict[str, Any] = {}

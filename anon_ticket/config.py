@@ -244,6 +244,7 @@ class Settings:
     min_payment_amount: int = 10_000_000_000
     poll_interval_secs: float = 5.0
     scan_window_blocks: int = 1000
+    watch_send_timeout_secs: float = 10.0
     rpc_timeout_secs: float | None = None
     pid_bloom_entries: int = 1_000_000
     pid_bloom_fp_rate: float = 1e-6
@@ -400,6 +401,8 @@ _SPECS: tuple[_Spec, ...] = (
     ),
     _Spec("poll_interval_secs", "wallet poll interval in seconds", ("MONITOR_POLL_INTERVAL_SECS",)),
     _Spec("scan_window_blocks", "heights per get_transfers crediting window (1..100000)"),
+    _Spec("watch_send_timeout_secs",
+          "a websocket watcher that cannot take a message this long is closed (4008)"),
     _Spec(
         "rpc_timeout_secs",
         "cap on every wallet-rpc call's timeout (default: per method, refresh 300 s)",
@@ -716,6 +719,8 @@ def load_settings(
         ),
         scan_window_blocks=src.take("scan_window_blocks", _int(1, 100_000),
                                     d.scan_window_blocks),
+        watch_send_timeout_secs=src.take("watch_send_timeout_secs", _float(0, lo_open=True),
+                                         d.watch_send_timeout_secs),
         rpc_timeout_secs=src.take("rpc_timeout_secs", _float(0, lo_open=True),
                                   d.rpc_timeout_secs),
         pid_bloom_entries=src.take("pid_bloom_entries", _int(0), d.pid_bloom_entries),

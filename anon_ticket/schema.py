@@ -10,7 +10,8 @@ Layout (binary ids: pid 8 bytes, txid and token 32 bytes):
   and `claimed_at` in the same statement (I3), so a claimed ticket always has its token.
 - `transfers`: each qualifying chain transfer, once per (txid, pid) (I1).
 - `skipped`: transfers that did not qualify, with the reason (I7).
-- `state`: small named integers; `cursor` is the highest height fully scanned (I4).
+- `state`: small named integers; `cursor` is the highest height fully scanned (I4);
+  `epoch` names the event numbering (`tickets.seq`), and changes when a backup is restored.
 """
 
 from __future__ import annotations
@@ -67,6 +68,19 @@ def m001_initial(db: Database) -> None:
             key TEXT PRIMARY KEY NOT NULL,
             value INTEGER NOT NULL
         ) WITHOUT ROWID;
+        """
+    )
+
+
+@migrations()
+def m002_event_numbering(db: Database) -> None:
+    """Per-ticket event numbers (`seq`, in commit order) and the numbering's epoch."""
+    db.executescript(
+        """
+        ALTER TABLE tickets ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+        INSERT INTO state (key, value)
+            VALUES ('epoch', abs(random()) % 9007199254740991 + 1)
+            ON CONFLICT (key) DO NOTHING;
         """
     )
 

@@ -186,7 +186,9 @@ def describe_socket(sock: socket.socket) -> str:
 
 async def serve_app(app: QuartTrio, sock: socket.socket, *, grace: float,
                     shutdown: Callable[[], Awaitable[None]],
-                    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+                    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+                    ws_ping_interval: float | None = None,
+                    ws_max_message: int = 16 * 1024) -> None:
     cfg = HyperConfig()
     # hypercorn wraps the descriptor in a socket object it closes itself: give it a duplicate
     # so our socket (and the unix path it guards) stays ours to close.
@@ -196,4 +198,6 @@ async def serve_app(app: QuartTrio, sock: socket.socket, *, grace: float,
     cfg.graceful_timeout = grace
     cfg.include_server_header = False
     cfg.keep_alive_timeout = 30
+    cfg.websocket_ping_interval = ws_ping_interval
+    cfg.websocket_max_message_size = ws_max_message
     await hyper_serve(app, cfg, shutdown_trigger=shutdown, task_status=task_status)

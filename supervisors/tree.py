@@ -6,8 +6,9 @@ root (one-for-one)
 ├── core (rest-for-one: the filter is fed by storage, so it restarts after it)
 │   ├── storage    single writer, group commit
 │   └── filter     Bloom filter + positive cache, prewarmed from the database
+├── hub            fans committed events and announcements out to websocket watchers
 ├── poller         watches monero-wallet-rpc; records deep transfers through storage
-├── public         redeem, token, info, healthz (serves once core is ready)
+├── public         redeem, token, info, watch (websocket), healthz (serves once core is ready)
 └── internal       unix socket: metrics, revoke, admin commands
 ```
 
@@ -28,6 +29,7 @@ import trio
 
 from actors.devchain import DevChainActor
 from actors.filter import Filter, FilterConfig
+from actors.hub import Hub
 from actors.internal import Internal, InternalConfig
 from actors.poller import Poller, PollerConfig
 from actors.public import Public, PublicConfig
@@ -61,11 +63,14 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 class Mailboxes:
     storage: Mailbox[Any] = field(default_factory=lambda: Mailbox("storage", 8192))
     poller: Mailbox[Any] = field(default_factory=lambda: Mailbox("poller", 64))
+    hub: Mailbox[Any] = field(default_factory=lambda: Mailbox("hub", 65536))
+    public: Mailbox[Any] = field(default_factory=lambda: Mailbox("public", 64))
     filter: Mailbox[Any] = field(default_factory=lambda: Mailbox("filter", 65536))
     root: Mailbox[Any] = field(default_factory=lambda: Mailbox("supervisor", 64))
 
     def by_name(self) -> dict[str, Mailbox[Any]]:
-        return {"storage": self.storage, "filter": self.filter, "poller": self.poller}
+        return {"storage": self.storage, "filter": self.filter, "poller": self.poller,
+                "hub": self.hub}
 
 
 @dataclass
@@ -80,9 +85,12 @@ def _nested_status(actor: Runnable) -> Any:
     return actor.status()
 
 
-def _stop_listener(actor: Runnable) -> None:
-    assert isinstance(actor, Public | Internal)
-    actor.stop()
+async def _stop_listener(actor: Runnable) -> None:
+    if isinstance(actor, Public):
+        await actor.stop()  # websockets first (1001), then the HTTP grace wait
+    else:
+        assert isinstance(actor, Internal)
+        actor.stop()
 
 
 def build_tree(settings: Settings, secret: bytes, *,
@@ -128,6 +136,7 @@ def build_tree(settings: Settings, secret: bytes, *,
         primary_address=settings.primary_address,
         min_confirmations=settings.min_confirmations,
         min_payment_amount=settings.min_payment_amount,
+        watch_send_timeout=settings.watch_send_timeout_secs,
     )
     internal_host, internal_port = settings.internal_bind or (None, None)
     internal_cfg = InternalConfig(
@@ -145,7 +154,8 @@ def build_tree(settings: Settings, secret: bytes, *,
         lambda: Supervisor("core", [
             ChildSpec("storage", lambda: storage_factory(
                 storage_cfg, mb.storage, mb.filter, metrics, on_open=on_open), mb.storage),
-            ChildSpec("filter", lambda: Filter(filter_cfg, mb.filter, metrics), mb.filter),
+            ChildSpec("filter", lambda: Filter(filter_cfg, mb.filter, metrics, hub=mb.hub),
+                      mb.filter),
         ], strategy=Strategy.REST_FOR_ONE, **limits),  # type: ignore[arg-type]
         status=_nested_status,
     )
@@ -173,18 +183,21 @@ def build_tree(settings: Settings, secret: bytes, *,
             poller_cfg,
             lambda: WalletRpc(JsonRpc(url, login=rpc_login, timeout_cap=settings.rpc_timeout_secs)),
             mb.poller,
-            mb.storage, metrics, events=events), mb.poller)
+            mb.storage, metrics, events=events or mb.hub), mb.poller)
+    hub = ChildSpec("hub", lambda: Hub(mb.hub, metrics), mb.hub)
     public = ChildSpec("public", lambda: Public(public_cfg, mb.storage, mb.filter, metrics,
-                                                poller=mb.poller if poller else None),
-                       stop=_stop_listener)
+                                                poller=mb.poller if poller else None,
+                                                hub=mb.hub, mailbox=mb.public),
+                       mb.public, stop=_stop_listener)
     internal = ChildSpec(
         "internal",
         lambda: Internal(internal_cfg, storage=mb.storage, filter_=mb.filter,
                          supervisor=mb.root, mailboxes=mb.by_name(), metrics=metrics,
-                         poller=mb.poller if poller else None),
+                         poller=mb.poller if poller else None, public=mb.public,
+                         hub=mb.hub),
         stop=_stop_listener,
     )
-    children = [*([devchain] if devchain else []), core, *([poller] if poller else []),
+    children = [*([devchain] if devchain else []), core, hub, *([poller] if poller else []),
                 public, internal]
     root = Supervisor("root", children, strategy=Strategy.ONE_FOR_ONE,
                       commands=mb.root, **limits)  # type: ignore[arg-type]

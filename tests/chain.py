@@ -1,13 +1,16 @@
 """One real regtest chain for the whole test session, and sync helpers to drive it.
 
-A test module uses the fixture by importing it:
+The fixture is registered once for the whole suite, in tests/conftest.py:
 
     from tests.chain import regtest_chain  # noqa: F401
 
-and marks itself `pytestmark = pytest.mark.chain`. The chain (monerod + a funded dev wallet +
-the watch-only receiver) starts once, on first use (~10 s), in a temporary directory, and is
-stopped at the end of the session. Tests share it: draw a fresh payment id per test, and keep
-reorgs (`pop_blocks`) on a chain of their own.
+Test modules name `regtest_chain` as a parameter and mark themselves
+`pytestmark = pytest.mark.chain`; they must NOT import the fixture: a fixture imported into a
+module is registered again for that module, and a second session chain would start.
+
+The chain (monerod + a funded dev wallet + the watch-only receiver) starts once, on first use
+(~10 s), in a temporary directory, and is stopped at the end of the session. Tests share it:
+draw a fresh payment id per test, and keep reorgs (`pop_blocks`) on a chain of their own.
 """
 
 from __future__ import annotations

@@ -28,13 +28,11 @@ from anon_ticket.domain.address import integrated_address
 from anon_ticket.domain.ids import PaymentId
 from anon_ticket.errors import InvalidInput, RpcCallError
 from anon_ticket.walletrpc import WATCH_ONLY, JsonRpc
-from tests import chain as chain_fixtures
 from tests.chain import mine_sync, pay_sync, refresh_sync, rpc_sync
 
 pytestmark = pytest.mark.chain
 
 REPO = Path(__file__).resolve().parents[1]
-regtest_chain = chain_fixtures.regtest_chain  # the session chain fixture
 
 
 

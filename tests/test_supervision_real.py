@@ -32,19 +32,21 @@ class CrashableStorage(Storage):
 async def hammer_until_served(srv: Any, pid: PaymentId, crash: Any) -> list[int]:
     """Redeem continuously across a crash and its restart; return every status seen."""
     seen: list[int] = []
-    async with trio.open_nursery() as n:
-        async def loop() -> None:
-            while True:
-                with trio.fail_after(10):  # never a hang
-                    resp = await srv.redeem(pid.hex())
-                seen.append(resp.status_code)
-                if resp.status_code == 503:
-                    assert resp.headers["retry-after"]
-                if resp.status_code == 200 and 503 in seen:
-                    n.cancel_scope.cancel()
-        n.start_soon(loop)
-        await trio.sleep(0.05)
-        await crash()
+    with trio.move_on_after(30):  # the test fails below rather than hang
+        async with trio.open_nursery() as n:
+            async def loop() -> None:
+                while True:
+                    with trio.fail_after(10):  # never a hung request
+                        resp = await srv.redeem(pid.hex())
+                    seen.append(resp.status_code)
+                    if resp.status_code == 503:
+                        assert resp.headers["retry-after"]
+                    if resp.status_code == 200 and 503 in seen:
+                        n.cancel_scope.cancel()
+            n.start_soon(loop)
+            await trio.sleep(0.05)
+            await crash()
+    assert seen and seen[-1] == 200, f"not served again within 30 s: {seen[-5:]}"
     return seen
 
 

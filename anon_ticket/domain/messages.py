@@ -137,6 +137,44 @@ class SkippedRow:
     recorded_at: str
 
 
+class EventKind(Enum):
+    PAYMENT_CONFIRMED = "payment_confirmed"
+    TOPPED_UP = "topped_up"
+    CLAIMED = "claimed"
+    REVOKED = "revoked"
+    REORG = "reorg"
+
+
+@dataclass(frozen=True, slots=True)
+class TicketEvent:
+    """A committed fact about one ticket, numbered per ticket in commit order."""
+
+    kind: EventKind
+    pid: PaymentId
+    token: ServiceToken | None
+    seq: int
+    epoch: int
+    fields: tuple[tuple[str, object], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ReadTicketState:
+    """The current state of a ticket by payment id or token (for a new watcher)."""
+
+    pid: PaymentId | None = None
+    token: ServiceToken | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TicketState:
+    pid: PaymentId
+    token: ServiceToken | None
+    seq: int
+    epoch: int
+    status: str  # waiting | claimable | claimed | revoked
+    balance: int
+
+
 @dataclass(frozen=True, slots=True)
 class Backup:
     path: str
@@ -175,6 +213,14 @@ class AddPids:
 
     pids: tuple[PaymentId, ...]
     ack: object = None
+    events: tuple[TicketEvent, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Committed events on their way to the hub (through the filter, in commit order)."""
+
+    events: tuple[TicketEvent, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +295,13 @@ class RescanFrom:
 @dataclass(frozen=True, slots=True)
 class PollerStatus:
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """Stop taking claims (503 with Retry-After) and close watchers; in-flight work finishes."""
+
+    reason: str = "draining"
 
 
 # --- supervision ---------------------------------------------------------------------------

@@ -22,6 +22,10 @@ INTERNAL_ROUTES = [
     ("POST", "/admin/backup"),
     ("POST", "/admin/actors/storage/restart"),
     ("POST", "/admin/shutdown"),
+    ("POST", "/admin/drain"),
+    ("POST", "/admin/poller/pause"),
+    ("POST", "/admin/poller/resume"),
+    ("POST", "/admin/poller/rescan"),
     ("POST", "/api/v1/token/" + "a" * 64 + "/revoke"),
 ]
 
@@ -94,7 +98,7 @@ async def test_status_bloom_and_skipped(tmp_path: Path) -> None:
     async with running_server(tmp_path) as srv:
         status = (await srv.internal.get("/admin/status")).json()
         names = [a["name"] for a in status["actors"]]
-        assert names == ["core", "poller", "public", "internal"]
+        assert names == ["core", "hub", "poller", "public", "internal"]
         assert status["poller"]["wallet_reachable"] is False  # the harness has no wallet
         core = status["actors"][0]
         assert [c["name"] for c in core["children"]] == ["storage", "filter"]

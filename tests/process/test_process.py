@@ -198,3 +198,97 @@ def test_operator_cli(tmp_path: Path) -> None:
     assert lines[1].startswith("Integrated address: 4") and len(lines[1]) == 20 + 106
     bad = cli(data, "pid", "new", "--address", "nonsense")
     assert bad.returncode == 2 and "invalid address" in bad.stderr
+
+
+def test_client_commands_and_watch_across_a_restart(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    data, pids = prepared(tmp_path, 3)
+    server = start_server(data)
+    url = server.url
+    try:
+        first = cli(data, "redeem", pids[0], "--url", url)
+        assert first.returncode == 0 and json.loads(first.stdout)["status"] == "success"
+        token = json.loads(first.stdout)["service_token"]
+        again = cli(data, "redeem", pids[0].upper(), "--url", url)
+        assert json.loads(again.stdout)["status"] == "already_claimed"
+        assert cli(data, "redeem", "0123456789abcdef", "--url", url).returncode == 3
+        assert cli(data, "redeem", "xyz", "--url", url).returncode == 2
+        shown = cli(data, "token", "show", token, "--url", url)
+        assert shown.returncode == 0 and json.loads(shown.stdout)["status"] == "active"
+        assert cli(data, "token", "show", "ab" * 32, "--url", url).returncode == 3
+        timed_out = cli(data, "watch", PaymentId.generate().hex(), "--url", url,
+                        "--timeout", "1")
+        assert timed_out.returncode == 4
+        assert json.loads(timed_out.stdout.splitlines()[0])["status"] == "waiting"
+
+        # watch until claimed; the server restarts meanwhile: it reconnects and resumes
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "anon_ticket", "watch", pids[1], "--url", url,
+             "--until", "claimed", "--timeout", "60"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert watch.stdout is not None
+        state = json.loads(watch.stdout.readline())
+        assert (state["type"], state["status"]) == ("state", "claimable")
+        server.stop()
+        server = start_server(data, port=server.port)
+        time.sleep(0.5)
+        assert redeem(url, pids[1]).json()["status"] == "success"
+        out, err = watch.communicate(timeout=60)
+        assert watch.returncode == 0, err
+        lines = [json.loads(line) for line in out.splitlines()]
+        assert lines[-1]["type"] == "claimed"
+        seqs = [m["seq"] for m in lines if "seq" in m]
+        assert len(seqs) == len(set(seqs))  # resumed: nothing repeated
+        assert "reconnecting" in err
+    finally:
+        server.stop()
+
+
+def test_drain_then_shutdown_with_redeems_in_flight(tmp_path: Path) -> None:
+    data, pids = prepared(tmp_path, 300)
+    server = start_server(data)
+    results: dict[str, tuple[int, dict[str, object]]] = {}
+    errors: list[str] = []
+    lock = threading.Lock()
+    drained = threading.Event()
+
+    def worker(chunk: list[str]) -> None:
+        with httpx.Client(timeout=10) as client:
+            for pid in chunk:
+                try:
+                    resp = client.post(f"{server.url}/api/v1/redeem", json={"pid": pid})
+                except httpx.TransportError as exc:
+                    errors.append(type(exc).__name__)
+                    return
+                with lock:
+                    results[pid] = (resp.status_code, resp.json())
+                    if len(results) == 60 and not drained.is_set():
+                        drained.set()
+                        with server.internal() as internal:
+                            assert internal.post("/admin/drain").status_code == 200
+                if resp.status_code == 503:
+                    return  # draining: this client stops, as a client should
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(worker, [pids[i::16] for i in range(16)]))
+    with server.internal() as internal:
+        assert internal.post("/admin/shutdown").status_code == 200
+    assert server.wait_exit() == 0
+    assert not errors
+    statuses = {status for status, _ in results.values()}
+    assert statuses <= {200, 503} and 503 in statuses
+    succeeded = {pid: body["service_token"] for pid, (status, body) in results.items()
+                 if status == 200}
+    assert len(succeeded) >= 60
+    server = start_server(data)
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            for pid, token in succeeded.items():
+                assert client.get(f"/api/v1/token/{token}").status_code == 200
+                body = client.post("/api/v1/redeem", json={"pid": pid}).json()
+                assert (body["status"], body["service_token"]) == ("already_claimed", token)
+    finally:
+        server.stop()

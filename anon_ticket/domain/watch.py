@@ -1,0 +1,117 @@
+"""The watch protocol (websocket `GET /api/v1/watch`): client requests and server messages.
+
+client → server
+    {"op": "subscribe", "pid": "<16 hex>"}  or  {"op": "subscribe", "token": "<64 hex>"}
+        optional "since": <seq> and "epoch": <epoch> to resume
+    {"op": "unsubscribe", "pid" | "token": ...}
+    {"op": "ping"}
+server → client (each message names the pid or token it is about, as subscribed)
+    {"type": "state", "seq", "epoch", "status", "balance"}      on subscribe
+    {"type": "payment_confirmed" | "topped_up" | "claimed" | "revoked" | "reorg", "seq",
+     "epoch", ...}                                               committed facts, seq > state's
+    {"type": "payment_seen", "amount", "in_pool"}                 first sighting (no seq)
+    {"type": "confirmations", "confirmations", "required"}        k of N (no seq)
+    {"type": "gap"}                                               resume impossible; state follows
+    {"type": "error", "error"}                                    bad request; connection stays
+    {"type": "pong"}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from anon_ticket.domain.ids import PaymentId, ServiceToken
+from anon_ticket.domain.messages import Confirmations, PaymentSeen, TicketEvent, TicketState
+from anon_ticket.errors import InvalidInput
+
+MAX_SUBSCRIPTIONS = 16
+# Close codes
+GOING_AWAY = 1001  # draining or shutting down
+TOO_BIG = 1009
+TRY_AGAIN_LATER = 1013  # too many connections
+SLOW_CONSUMER = 4008
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """What a watcher subscribed to: a payment id or a token."""
+
+    kind: str  # "pid" | "token"
+    pid: PaymentId | None = None
+    token: ServiceToken | None = None
+
+    @property
+    def raw(self) -> bytes:
+        value = self.pid if self.pid is not None else self.token
+        assert value is not None
+        return value.raw
+
+    @property
+    def text(self) -> str:
+        value = self.pid if self.pid is not None else self.token
+        assert value is not None
+        return value.hex()
+
+
+@dataclass(frozen=True, slots=True)
+class WatchRequest:
+    op: str  # subscribe | unsubscribe | ping
+    key: Key | None = None
+    since: int | None = None
+    epoch: int | None = None
+
+
+def parse_request(text: str | bytes) -> WatchRequest:
+    """One client message, or InvalidInput saying what is wrong with it."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        raise InvalidInput("invalid request: message is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("invalid request: message must be a JSON object")
+    op = data.get("op")
+    if op == "ping":
+        return WatchRequest("ping")
+    if op not in ("subscribe", "unsubscribe"):
+        raise InvalidInput("invalid request: `op` must be subscribe, unsubscribe or ping")
+    if ("pid" in data) == ("token" in data):
+        raise InvalidInput("invalid request: give exactly one of `pid` and `token`")
+    key = (Key("pid", pid=PaymentId.parse(data["pid"])) if "pid" in data
+           else Key("token", token=ServiceToken.parse(data["token"])))
+    since, epoch = data.get("since"), data.get("epoch")
+    for name, value in (("since", since), ("epoch", epoch)):
+        if value is not None and (type(value) is not int or value < 0):
+            raise InvalidInput(f"invalid request: `{name}` must be a non-negative integer")
+    return WatchRequest(op, key, since, epoch)
+
+
+def _about(key: Key) -> dict[str, Any]:
+    return {key.kind: key.text}
+
+
+def state_message(key: Key, state: TicketState) -> dict[str, Any]:
+    return {"type": "state", **_about(key), "seq": state.seq, "epoch": state.epoch,
+            "status": state.status, "balance": state.balance}
+
+
+def event_message(key: Key, event: TicketEvent) -> dict[str, Any]:
+    return {"type": event.kind.value, **_about(key), "seq": event.seq, "epoch": event.epoch,
+            **dict(event.fields)}
+
+
+def note_message(key: Key, note: PaymentSeen | Confirmations) -> dict[str, Any]:
+    if isinstance(note, PaymentSeen):
+        return {"type": "payment_seen", **_about(key), "amount": note.amount,
+                "in_pool": note.height is None}
+    return {"type": "confirmations", **_about(key), "confirmations": note.confirmations,
+            "required": note.required}
+
+
+def gap_message(key: Key) -> dict[str, Any]:
+    return {"type": "gap", **_about(key)}
+
+
+def error_message(text: str) -> dict[str, Any]:
+    return {"type": "error", "error": text}

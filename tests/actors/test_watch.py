@@ -1,0 +1,295 @@
+"""The watch protocol over a real websocket on loopback (DESIGN §4 "Watch protocol")."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.lowlevel
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+
+from actors.hub import HubStats
+from anon_ticket.domain.ids import PaymentId
+from anon_ticket.domain.messages import RecordTransfers, Transfer
+from tests.harness import Server, running_server
+
+
+@asynccontextmanager
+async def watcher(srv: Server) -> AsyncIterator[WebSocketConnection]:
+    url = f"ws://{srv.settings.bind_host}:{srv.settings.bind_port}/api/v1/watch"
+    async with open_websocket_url(url) as ws:
+        yield ws
+
+
+async def send(ws: WebSocketConnection, **msg: Any) -> None:
+    await ws.send_message(json.dumps(msg))
+
+
+async def recv(ws: WebSocketConnection, timeout: float = 5) -> dict[str, Any]:
+    with trio.fail_after(timeout):
+        data: dict[str, Any] = json.loads(await ws.get_message())
+        return data
+
+
+async def top_up(srv: Server, pid: PaymentId, n: int, amount: int = 10) -> None:
+    await srv.tree.mailboxes.storage.ask(RecordTransfers(tuple(
+        Transfer(os.urandom(32), pid, amount, 100) for _ in range(n))), 5)
+
+
+async def test_state_then_committed_events_in_order(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as srv, watcher(srv) as ws:
+        pid = PaymentId.generate()
+        await send(ws, op="subscribe", pid=pid.hex().upper())
+        state = await recv(ws)
+        assert state == {"type": "state", "pid": pid.hex(), "seq": 0, "epoch": state["epoch"],
+                         "status": "waiting", "balance": 0}
+        await srv.pay(pid, 500)
+        confirmed = await recv(ws)
+        assert confirmed == {"type": "payment_confirmed", "pid": pid.hex(), "seq": 1,
+                             "epoch": state["epoch"], "amount": 500, "balance": 500}
+        token = (await srv.redeem(pid.hex())).json()["service_token"]
+        claimed = await recv(ws)
+        assert (claimed["type"], claimed["seq"], claimed["balance"]) == ("claimed", 2, 500)
+        assert token not in json.dumps(claimed)  # the token is the redeemer's to fetch
+        # a token watcher sees the top-up and the revocation
+        async with watcher(srv) as tw:
+            await send(tw, op="subscribe", token=token)
+            tstate = await recv(tw)
+            assert (tstate["type"], tstate["token"], tstate["seq"], tstate["status"]) == (
+                "state", token, 2, "claimed")
+            assert "pid" not in tstate
+            await srv.pay(pid, 5)
+            topped = await recv(tw)
+            assert (topped["type"], topped["seq"], topped["balance"]) == ("topped_up", 3, 505)
+            await srv.internal.post(f"/api/v1/token/{token}/revoke", json={"abuse_score": 4})
+            revoked = await recv(tw)
+            assert (revoked["type"], revoked["seq"], revoked["abuse_score"]) == ("revoked", 4, 4)
+        assert [(await recv(ws))["seq"] for _ in range(2)] == [3, 4]  # the pid watcher too
+
+
+async def test_subscribing_during_commits_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as srv:
+        pid = PaymentId.generate()
+        total = 120
+
+        async def commits() -> None:
+            for _ in range(total):
+                await top_up(srv, pid, 1)
+                await trio.lowlevel.checkpoint()
+
+        async def watch(delay: float) -> list[int]:
+            await trio.sleep(delay)
+            async with watcher(srv) as ws:
+                await send(ws, op="subscribe", pid=pid.hex())
+                state = await recv(ws)
+                seqs = [state["seq"]]
+                while seqs[-1] < total:
+                    seqs.append((await recv(ws))["seq"])
+                return seqs
+
+        results: list[list[int]] = []
+
+        async def run_watch(delay: float) -> None:
+            results.append(await watch(delay))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(commits)
+            for i in range(8):
+                n.start_soon(run_watch, i * 0.01)
+        assert len(results) == 8
+        for seqs in results:  # state's seq, then every later one exactly once, in order
+            assert seqs == list(range(seqs[0], total + 1)), seqs
+
+
+async def test_resume_with_since_and_a_gap_from_another_epoch(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as srv:
+        pid = PaymentId.generate()
+        async with watcher(srv) as ws:
+            await send(ws, op="subscribe", pid=pid.hex())
+            epoch = (await recv(ws))["epoch"]
+            await top_up(srv, pid, 3)
+            seen = [(await recv(ws))["seq"] for _ in range(3)]
+        assert seen == [1, 2, 3]
+        await top_up(srv, pid, 4)  # committed while disconnected
+        async with watcher(srv) as ws:
+            await send(ws, op="subscribe", pid=pid.hex(), since=3, epoch=epoch)
+            replayed = [await recv(ws) for _ in range(4)]
+            assert [m["seq"] for m in replayed] == [4, 5, 6, 7]
+            assert all(m["type"] == "payment_confirmed" for m in replayed)
+            await top_up(srv, pid, 1)
+            assert (await recv(ws))["seq"] == 8  # live again, nothing repeated
+        async with watcher(srv) as ws:
+            await send(ws, op="subscribe", pid=pid.hex(), since=2, epoch=epoch + 1)
+            assert (await recv(ws))["type"] == "gap"
+            state = await recv(ws)
+            assert (state["type"], state["seq"]) == ("state", 8)
+
+
+async def test_bad_requests_get_errors_and_the_connection_stays(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as srv, watcher(srv) as ws:
+        for bad, text in [
+            ("not json", "invalid request: message is not valid JSON"),
+            ("[1]", "invalid request: message must be a JSON object"),
+            ('{"op": "dance"}', "invalid request: `op` must be subscribe, unsubscribe or ping"),
+            ('{"op": "subscribe"}', "invalid request: give exactly one of `pid` and `token`"),
+            ('{"op": "subscribe", "pid": "123"}',
+             "invalid payment id: payment id must be exactly 16 hex characters"),
+            ('{"op": "subscribe", "pid": "0000000000000000"}',
+             "invalid payment id: payment id must not be all zeros"),
+            ('{"op": "subscribe", "token": "' + "a" * 64 + '"}', "payment not found"),
+            ('{"op": "subscribe", "pid": "0123456789abcdef", "since": -1}',
+             "invalid request: `since` must be a non-negative integer"),
+        ]:
+            await ws.send_message(bad)
+            assert await recv(ws) == {"type": "error", "error": text}
+        await send(ws, op="ping")
+        assert await recv(ws) == {"type": "pong"}
+        pids = [PaymentId.generate() for _ in range(17)]
+        for p in pids[:16]:
+            await send(ws, op="subscribe", pid=p.hex())
+            assert (await recv(ws))["type"] == "state"
+        await send(ws, op="subscribe", pid=pids[16].hex())
+        assert "at most 16 subscriptions" in (await recv(ws))["error"]
+        await send(ws, op="unsubscribe", pid=pids[0].hex())
+        await srv.pay(pids[0])
+        await srv.pay(pids[1])
+        assert (await recv(ws))["pid"] == pids[1].hex()  # nothing for the unsubscribed one
+
+
+async def test_oversized_messages_close_the_connection(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as srv, watcher(srv) as ws:
+        await ws.send_message("x" * 100_000)
+        with pytest.raises(ConnectionClosed) as closed, trio.fail_after(5):
+            await ws.get_message()
+        assert closed.value.reason.code == 1009
+
+
+async def test_drain_closes_watchers_with_1001_and_redeem_answers_503(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as srv:
+        pid = PaymentId.generate()
+        await srv.pay(pid)
+        async with watcher(srv) as ws:
+            await send(ws, op="subscribe", pid=pid.hex())
+            await recv(ws)
+            resp = await srv.internal.post("/admin/drain")
+            assert resp.status_code == 200
+            with pytest.raises(ConnectionClosed) as closed, trio.fail_after(5):
+                await ws.get_message()
+            assert closed.value.reason.code == 1001
+        drained = await srv.redeem(pid.hex())
+        assert drained.status_code == 503 and drained.headers["retry-after"]
+        assert drained.json() == {"error": "service is draining"}
+
+
+class StuckWatcher:
+    """A websocket client that subscribes and then never reads again (tiny receive buffer)."""
+
+    def __init__(self, stream: trio.SocketStream, ws: Any) -> None:
+        self.stream, self.ws = stream, ws
+
+    @classmethod
+    async def open(cls, srv: Server, pid: PaymentId) -> StuckWatcher:
+        import socket as stdsocket
+
+        import wsproto
+        from wsproto.events import AcceptConnection, Request, TextMessage
+
+        sock = trio.socket.socket()
+        sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_RCVBUF, 4096)
+        await sock.connect((srv.settings.bind_host, srv.settings.bind_port))
+        stream = trio.SocketStream(sock)
+        ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        await stream.send_all(ws.send(Request(host="localhost", target="/api/v1/watch")))
+        accepted = False
+        while not accepted:
+            ws.receive_data(await stream.receive_some(4096))
+            accepted = any(isinstance(e, AcceptConnection) for e in ws.events())
+        await stream.send_all(ws.send(TextMessage(json.dumps(
+            {"op": "subscribe", "pid": pid.hex()}))))
+        return cls(stream, ws)
+
+    async def close_code(self) -> int | None:
+        """Read everything that is left; the close frame's code, if the server sent one."""
+        from wsproto.events import CloseConnection
+
+        with trio.move_on_after(10):
+            while True:
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    return None
+                self.ws.receive_data(data)
+                for event in self.ws.events():
+                    if isinstance(event, CloseConnection):
+                        return int(event.code)
+        return None
+
+
+async def redeem_rate(srv: Server, pid: PaymentId, n: int = 300) -> float:
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        async def worker() -> None:
+            for _ in range(n // 16):
+                assert (await srv.redeem(pid.hex())).status_code == 200
+        for _ in range(16):
+            nursery.start_soon(worker)
+    return (n // 16 * 16) / (trio.current_time() - started)
+
+
+async def test_a_watcher_that_stops_reading_is_closed_and_slows_nothing(
+        tmp_path: Path) -> None:
+    async with running_server(tmp_path, watch_send_timeout_secs=2) as srv:
+        busy, claimed = PaymentId.generate(), PaymentId.generate()
+        await srv.pay(claimed)
+        await srv.redeem(claimed.hex())
+
+        async def pump(stop: trio.Event) -> None:
+            while not stop.is_set():  # ~200 events/s for one ticket: far above real life
+                await top_up(srv, busy, 10)
+                await trio.sleep(0.05)
+
+        async def rate_while_pumping(stuck: bool) -> tuple[float, float | None, int | None]:
+            stop = trio.Event()
+            stuck_watcher = await StuckWatcher.open(srv, busy) if stuck else None
+            started = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump, stop)
+                rate = await redeem_rate(srv, claimed)
+                closed_after = None
+                if stuck_watcher is not None:
+                    with trio.fail_after(30):
+                        while not (await srv.tree.mailboxes.hub.ask(HubStats(), 5)
+                                   )["slow_watchers_dropped"]:
+                            await trio.sleep(0.01)
+                    closed_after = trio.current_time() - started
+                stop.set()
+            code = await stuck_watcher.close_code() if stuck_watcher else None
+            return rate, closed_after, code
+
+        async with watcher(srv) as healthy:
+            await send(healthy, op="subscribe", pid=busy.hex())
+            assert (await recv(healthy))["type"] == "state"
+
+            async def drain_healthy() -> None:
+                while True:
+                    await healthy.get_message()
+
+            async with trio.open_nursery() as reader:
+                reader.start_soon(drain_healthy)
+                baseline = max([(await rate_while_pumping(False))[0] for _ in range(2)])
+                rate, closed_after, code = await rate_while_pumping(True)
+                reader.cancel_scope.cancel()
+            assert code == 4008  # closed with the stated code...
+            # ...within the stated time: the send timeout (2 s here) after the kernel's socket
+            # buffers (a few hundred KB on loopback) have filled up
+            assert closed_after is not None and closed_after < 20
+            assert rate >= 0.9 * baseline, (rate, baseline)  # and it slowed nobody down
+            await send(healthy, op="ping")  # the healthy watcher is still connected
+            with trio.fail_after(10):
+                while (await recv(healthy))["type"] != "pong":
+                    pass
