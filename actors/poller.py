@@ -321,8 +321,7 @@ class Poller:
                 result = classify(entry, self.config.min_payment_amount)
                 if isinstance(result, Transfer):
                     deep.append(result)
-            else:
-                self._announce(seen.pid, seen.txid, seen.amount, seen.height, confirmations)
+            self._announce(seen.pid, seen.txid, seen.amount, seen.height, confirmations)
         recorded: tuple[RecordedTransfer, ...] = await self.storage.ask(
             RecentTransfers(low), self.config.request_timeout)
         known = {(r.txid, r.pid.raw): r.height for r in recorded}
@@ -356,8 +355,9 @@ class Poller:
             log.info("payment seen", pid=pid.redacted(), amount=amount,
                      in_pool=height is None)
             self._emit(PaymentSeen(pid, txid, amount, height))
-        if confirmations > 0 and previous != confirmations:
-            self._emit(Confirmations(pid, txid, confirmations, self.config.min_confirmations))
+        required = self.config.min_confirmations
+        if 0 < confirmations <= required and previous != confirmations:
+            self._emit(Confirmations(pid, txid, confirmations, required))
 
     def _emit(self, event: object) -> None:
         if self.events is None:
