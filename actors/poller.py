@@ -36,7 +36,6 @@ from anon_ticket.domain.messages import (
     RecentTransfers,
     RecordedTransfer,
     RecordTransfers,
-    Reorg,
     RescanFrom,
     ResumePoller,
     SkippedTransfer,
@@ -335,13 +334,11 @@ class Poller:
                 continue
             if await self.wallet.transfer_exists(r.txid.hex()):
                 continue
-            try:
-                gone = await self.storage.ask(MarkVanished(r.txid, r.pid),
-                                              self.config.request_timeout)
+            try:  # storage publishes the `reorg` event itself, numbered and committed
+                await self.storage.ask(MarkVanished(r.txid, r.pid), self.config.request_timeout)
             except NotFound:
                 continue
             self.metrics.payments_ingested.labels("vanished").inc()
-            self._emit(Reorg(gone.pid, r.txid.hex(), gone.amount, gone.claimed))
 
     def _announce(self, pid: PaymentId, txid: str, amount: int, height: int | None,
                   confirmations: int) -> None:

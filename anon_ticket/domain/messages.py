@@ -266,16 +266,6 @@ class Confirmations:
 
 
 @dataclass(frozen=True, slots=True)
-class Reorg:
-    """A recorded transfer vanished from the chain (claimed: the token stays, alert raised)."""
-
-    pid: PaymentId
-    txid: str
-    amount: int
-    claimed: bool
-
-
-@dataclass(frozen=True, slots=True)
 class PausePoller:
     pass
 

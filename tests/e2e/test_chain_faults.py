@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import signal
@@ -13,19 +14,17 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from trio_websocket import open_websocket_url
 
 from anon_ticket.devchain import DevChain, DevChainInfo, flush_txpool, plan_ports, pop_blocks
 from anon_ticket.domain.address import integrated_address
 from anon_ticket.domain.ids import PaymentId
-from anon_ticket.domain.messages import Reorg
-from supervisors.mailbox import Mailbox
 from tests.chain import mine_sync, pay_sync, rpc_sync
 from tests.e2e.test_chain import (
     CONFS,
     XMR,
     chain_height,
     mine,
-    next_event,
     pay,
     poller,
     server_for,
@@ -195,25 +194,30 @@ def reorg_chain(tmp_path_factory: pytest.TempPathFactory) -> Any:
 async def test_a_reorg_under_recorded_payments(tmp_path: Path,
                                                reorg_chain: DevChainInfo) -> None:
     info = reorg_chain
-    events: Mailbox[Any] = Mailbox("events", 10_000)
-    async with server_for(tmp_path, info.watch_wallet_url, events) as srv:
+    async with server_for(tmp_path, info.watch_wallet_url) as srv:
+        url = f"ws://{srv.settings.bind_host}:{srv.settings.bind_port}/api/v1/watch"
         for claim_first in (False, True):
             pid = PaymentId.generate()
-            await pay(info, integrated_address(info.primary_address, pid), XMR // 3)
-            fork = await chain_height(info)
-            await mine(info, CONFS + 1)
-            await wait_scanned(srv, info)
-            token = None
-            if claim_first:
-                body = (await srv.redeem(pid.hex())).json()
-                assert body["status"] == "success"
-                token = body["service_token"]
-            # Pop the blocks under the payment, drop it from the pool, mine past it.
-            await pop_blocks(info, await chain_height(info) - fork)
-            await flush_txpool(info)
-            await mine(info, CONFS + 3)
-            reorg = await next_event(events, Reorg, pid, timeout=60)
-            assert reorg.claimed is claim_first and reorg.amount == XMR // 3
+            async with open_websocket_url(url) as ws:
+                await ws.send_message(json.dumps({"op": "subscribe", "pid": pid.hex()}))
+                assert json.loads(await ws.get_message())["type"] == "state"
+                await pay(info, integrated_address(info.primary_address, pid), XMR // 3)
+                fork = await chain_height(info)
+                await mine(info, CONFS + 1)
+                await wait_scanned(srv, info)
+                token = None
+                if claim_first:
+                    body = (await srv.redeem(pid.hex())).json()
+                    assert body["status"] == "success"
+                    token = body["service_token"]
+                # Pop the blocks under the payment, drop it from the pool, mine past it.
+                await pop_blocks(info, await chain_height(info) - fork)
+                await flush_txpool(info)
+                await mine(info, CONFS + 3)
+                with trio.fail_after(60):  # the watcher hears of it, numbered like any fact
+                    while (reorg := json.loads(await ws.get_message()))["type"] != "reorg":
+                        pass
+            assert reorg["claimed"] is claim_first and reorg["amount"] == XMR // 3
             if token is None:
                 assert (await srv.redeem(pid.hex())).status_code == 404
             else:  # alert raised, token kept
@@ -221,4 +225,3 @@ async def test_a_reorg_under_recorded_payments(tmp_path: Path,
                 assert view["status"] == "active" and view["amount"] == 0
                 metrics = (await srv.internal.get("/metrics")).text
                 assert 'anon_ticket_alerts_total{kind="claimed_transfer_vanished"} 1.0' in metrics
-
