@@ -183,6 +183,18 @@ def test_operator_cli(tmp_path: Path) -> None:
         assert cli(data, *sock, "revoke", "ab" * 32).returncode == 3  # not found
         assert cli(data, "ctl", "skipped").returncode == 0  # socket found through the data dir
         assert cli(data, *sock, "backup", str(tmp_path / "b.tar")).returncode == 0
+        paused = cli(data, *sock, "poller", "pause")
+        assert paused.returncode == 0 and json.loads(paused.stdout)["state"] == "paused"
+        resumed = cli(data, *sock, "poller", "resume")
+        assert json.loads(resumed.stdout)["state"] != "paused"
+        assert cli(data, *sock, "poller", "rescan").returncode == 2  # needs --from
+        rescan = cli(data, *sock, "poller", "rescan", "--from", "5")
+        assert rescan.returncode == 0 and json.loads(rescan.stdout)["cursor"] == 4
+        assert json.loads(cli(data, *sock, "bloom").stdout)["enabled"] is True
+        assert cli(data, *sock, "restart", "filter").returncode == 0
+        assert cli(data, *sock, "restart", "nobody").returncode == 3
+        assert json.loads(cli(data, *sock, "drain").stdout)["draining"] is True
+        assert redeem(server.url, pids[1]).status_code == 503
     finally:
         server.stop()
     log = server.log()
