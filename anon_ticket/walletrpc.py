@@ -103,28 +103,25 @@ class JsonRpc:
         base = self.url.rsplit("/json_rpc", 1)[0]
         with _translate(base, path, timeout):
             resp = await self._client.post(f"{base}{path}", json=body, timeout=timeout)
-        if resp.status_code != 200:
-            raise RpcProtocolError(f"{path}: HTTP {resp.status_code}")
-        try:
-            data = resp.json()
-        except ValueError:
-            raise RpcProtocolError(f"{path}: answer is not JSON") from None
-        if not isinstance(data, dict):
-            raise RpcProtocolError(f"{path}: answer is not a JSON object")
-        return data
+        return _json_object(path, resp)
 
 
-def _result(method: str, resp: httpx.Response) -> dict[str, Any]:
+def _json_object(what: str, resp: httpx.Response) -> dict[str, Any]:
     if resp.status_code == 401:
-        raise RpcProtocolError(f"{method}: 401 unauthorized (check --monero-rpc-login)")
+        raise RpcProtocolError(f"{what}: 401 unauthorized (check --monero-rpc-login)")
     if resp.status_code != 200:
-        raise RpcProtocolError(f"{method}: HTTP {resp.status_code}")
+        raise RpcProtocolError(f"{what}: HTTP {resp.status_code}")
     try:
         data = resp.json()
     except ValueError:
-        raise RpcProtocolError(f"{method}: answer is not JSON") from None
+        raise RpcProtocolError(f"{what}: answer is not JSON") from None
     if not isinstance(data, dict):
-        raise RpcProtocolError(f"{method}: answer is not a JSON object")
+        raise RpcProtocolError(f"{what}: answer is not a JSON object")
+    return data
+
+
+def _result(method: str, resp: httpx.Response) -> dict[str, Any]:
+    data = _json_object(method, resp)
     error = data.get("error")
     if error is not None:
         if not isinstance(error, dict):
