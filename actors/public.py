@@ -328,13 +328,14 @@ class Public:
         cfg = self.config
         timeout = cfg.request_timeout
         metrics = self.metrics
-        redeem_counter = metrics.redeem_requests
+        outcomes = {name: metrics.redeem_requests.labels(name) for name in (
+            "success", "already_claimed", "not_found", "invalid", "unavailable", "error")}
         storage, filter_ = self.storage, self.filter
 
         @app.post("/api/v1/redeem")
         async def redeem() -> Response:
             if self.draining:
-                redeem_counter.labels("unavailable").inc()
+                outcomes["unavailable"].inc()
                 return json_error(503, "service is draining", 5)
             try:
                 data = await read_json_object(request, cfg.max_body_bytes)
@@ -343,7 +344,7 @@ class Public:
                 pid = PaymentId.parse(data["pid"])
                 hint = await filter_.ask(Lookup(pid), timeout)
                 if hint is Presence.ABSENT:
-                    redeem_counter.labels("not_found").inc()
+                    outcomes["not_found"].inc()
                     return json_error(404, NOT_FOUND)
                 if isinstance(hint, Claimed):
                     result: Claimed = hint
@@ -354,9 +355,9 @@ class Public:
                         metrics.redeem_bloom_db_miss.inc()
                         raise
             except AnonTicketError as exc:
-                redeem_counter.labels(_outcome(exc)).inc()
+                outcomes[_outcome(exc)].inc()
                 return error_response(exc)
-            redeem_counter.labels(result.status.value).inc()
+            outcomes[result.status.value].inc()
             return json_response({"status": result.status.value,
                                   "service_token": result.token.hex(),
                                   "balance": result.balance})

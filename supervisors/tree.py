@@ -19,6 +19,7 @@ data directory is locked, and the schema is migrated. Exit codes: 0 after a grac
 
 from __future__ import annotations
 
+import gc
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -204,6 +205,12 @@ def build_tree(settings: Settings, secret: bytes, *,
     return Tree(root, mb, metrics)
 
 
+async def _run_root(root: Supervisor, everything: trio.CancelScope, *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    await root.run(task_status=task_status)
+    everything.cancel()  # the tree has stopped: so does the signal watcher
+
+
 def _leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
@@ -255,8 +262,10 @@ async def _run_locked(settings: Settings, datadir: DataDir, signals: Any,
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, signals, tree.root, nursery.cancel_scope)
-            await tree.root.run()
-            nursery.cancel_scope.cancel()
+            await nursery.start(_run_root, tree.root, nursery.cancel_scope)
+            # What start-up built lives as long as the process: keep it out of every
+            # later garbage-collection pass (shorter pauses on the redeem path).
+            gc.freeze()
     except ConfigError as exc:
         log.error("cannot start", error=str(exc))
         return EXIT_CONFIG

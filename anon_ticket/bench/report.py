@@ -1,0 +1,276 @@
+"""The benchmark's report: targets with pass/fail, the JSON file and a readable table."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+# Scenario ids, in the order the table shows them, with their labels.
+SCENARIOS: dict[str, str] = {
+    "quart_ceiling": "ceiling: trivial quart-trio JSON POST",
+    "raw_asgi_ceiling": "ceiling: raw ASGI (hypercorn trio)",
+    "quart_hop": "reference: quart-trio + one mailbox hop",
+    "new_claims": "redeem: new claim (fresh PID)",
+    "already_claimed": "redeem: already_claimed retry",
+    "already_claimed_uncached": "redeem: already_claimed, not cached",
+    "bloom_negative": "redeem: unknown PID (Bloom negative)",
+    "invalid_pid": "redeem: invalid PID",
+    "token": "token introspection (GET)",
+}
+TARGET_LEVEL = 64
+
+
+@dataclass
+class Target:
+    id: str
+    what: str
+    value: float | None
+    op: str  # ">=" or "<="
+    threshold: float
+    unit: str = ""
+    note: str = ""
+
+    @property
+    def passed(self) -> bool | None:
+        if self.value is None:
+            return None
+        return self.value >= self.threshold if self.op == ">=" else self.value <= self.threshold
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["pass"] = self.passed
+        return d
+
+
+def _cell(report: dict[str, Any], scenario: str, level: int) -> dict[str, Any] | None:
+    cells = report.get("http", {}).get("scenarios", {}).get(scenario, {})
+    cell: dict[str, Any] | None = cells.get(str(level))
+    return cell
+
+
+def evaluate_targets(report: dict[str, Any]) -> list[Target]:
+    """Every target of the issue, from the figures in `report` (None when not measured)."""
+    targets: list[Target] = []
+
+    def ratio(scenario: str) -> float | None:
+        cell = _cell(report, scenario, TARGET_LEVEL)
+        return cell.get("ratio_to_quart") if cell else None
+
+    for scenario, threshold in (("new_claims", 0.85), ("already_claimed", 0.85),
+                                ("token", 0.85), ("bloom_negative", 0.9),
+                                ("invalid_pid", 0.9)):
+        targets.append(Target(
+            f"throughput.{scenario}", f"{SCENARIOS[scenario]}: req/s at {TARGET_LEVEL} "
+            "connections / quart-trio ceiling", ratio(scenario), ">=", threshold, "x"))
+    for scenario in ("new_claims", "already_claimed", "bloom_negative", "invalid_pid",
+                     "token"):
+        cell = _cell(report, scenario, TARGET_LEVEL)
+        targets.append(Target(
+            f"tail.{scenario}", f"{SCENARIOS[scenario]}: (p99/p50) / ceiling's (p99/p50) at "
+            f"{TARGET_LEVEL} connections", cell.get("tail_to_quart") if cell else None,
+            "<=", 1.2, "x"))
+    storage = report.get("storage", {})
+    targets.append(Target(
+        "storage.vs_raw_batched", "storage actor, group commit / raw APSW batched (64 a "
+        "transaction), claims per CPU second", storage.get("group_commit_to_raw_batched"),
+        ">=", 0.7, "x"))
+    targets.append(Target(
+        "storage.vs_one_per_tx", "storage actor, group commit / one transaction per claim, "
+        "claims per CPU second", storage.get("group_commit_to_one_per_tx"), ">=", 1.5, "x"))
+    ingest = report.get("ingestion", {})
+    targets.append(Target(
+        "ingestion.rate", "ingestion through record-transfers, transfers per CPU second",
+        ingest.get("transfers_per_s"), ">=", 20_000, "transfers/s",
+        note=f"over {ingest.get('transfers', '?')} transfers"))
+    mem = report.get("memory_startup", {})
+    pids = mem.get("recorded_pids")
+    targets.append(Target(
+        "startup.rss", f"RSS once ready with {pids or '?'} recorded PIDs, Bloom at 1e-6",
+        mem.get("rss_mb"), "<=", 150, "MB", note="MB = 10^6 bytes"))
+    targets.append(Target(
+        "startup.ready", f"time to ready with {pids or '?'} recorded PIDs",
+        mem.get("ready_s"), "<=", 5.0, "s", note="process spawn to /healthz 200"))
+    return targets
+
+
+def finish(report: dict[str, Any]) -> dict[str, Any]:
+    targets = evaluate_targets(report)
+    report["targets"] = [t.as_dict() for t in targets]
+    report["summary"] = {
+        "passed": sum(1 for t in targets if t.passed is True),
+        "failed": sum(1 for t in targets if t.passed is False),
+        "not_measured": sum(1 for t in targets if t.passed is None),
+        "failed_ids": [t.id for t in targets if t.passed is False],
+    }
+    return report
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+
+
+# --- the table ------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, spec: str = "", none: str = "-") -> str:
+    if value is None:
+        return none
+    if isinstance(value, float | int) and spec:
+        return format(value, spec)
+    return str(value)
+
+
+def _table(headers: list[str], rows: list[list[str]], align: str) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        out = []
+        for i, c in enumerate(cells):
+            out.append(c.ljust(widths[i]) if align[i] == "l" else c.rjust(widths[i]))
+        return "  ".join(out).rstrip()
+
+    return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def render(report: dict[str, Any]) -> str:
+    out: list[str] = []
+    meta = report.get("meta", {})
+    out.append(f"anon-ticket bench ({meta.get('mode', '?')}), {meta.get('started_at', '')}, "
+               f"{meta.get('duration_s', '?')} s")
+    out.append(f"machine: {meta.get('cpu_model', '?')}, {meta.get('cpus', '?')} cpus; "
+               f"{meta.get('pinning', {}).get('note', '')}")
+    out.append(f"generator: {meta.get('generator', '?')}")
+    out.append(f"load average at start {meta.get('loadavg_at_start')}, at end "
+               f"{meta.get('loadavg_at_end')} (above the core count: other work shared the "
+               "machine)")
+    http = report.get("http", {})
+    if http:
+        out.append("")
+        out.append(f"HTTP over loopback ({http.get('duration_note', '')}; median of "
+                   f"{http.get('repetitions', 1)}); ratios to the quart-trio ceiling at the "
+                   "same connections")
+        rows: list[list[str]] = []
+        for scenario, label in SCENARIOS.items():
+            for level, cell in sorted(http.get("scenarios", {}).get(scenario, {}).items(),
+                                      key=lambda kv: int(kv[0])):
+                rows.append([
+                    label, level, _fmt(cell.get("rps"), ".0f"), _fmt(cell.get("p50_ms"), ".2f"),
+                    _fmt(cell.get("p99_ms"), ".2f"), _fmt(cell.get("tail"), ".2f"),
+                    _fmt(cell.get("ratio_to_quart"), ".2f"),
+                    _fmt(cell.get("tail_to_quart"), ".2f"),
+                    _fmt(cell.get("ratio_to_raw"), ".2f"),
+                    _fmt(cell.get("server_cpu_us_per_req"), ".0f"),
+                    _fmt(cell.get("cpu_ratio_to_quart"), ".2f"),
+                    _fmt(cell.get("server_cpu_util"), ".2f"),
+                    _fmt(cell.get("expected_pct"), ".1f"),
+                ])
+        out.extend(_table(["scenario", "conns", "req/s", "p50 ms", "p99 ms", "p99/p50",
+                           "x quart", "tail x q", "x raw", "cpu us/req", "cpu x q", "util",
+                           "ok %"], rows, "lrrrrrrrrrrrr"))
+        out.append("(x quart: req/s ratio; tail x q: (p99/p50) ratio; cpu x q: the ceiling's CPU "
+                   "per request / this one's; util: share of its core the server got)")
+        batches = http.get("batch_sizes", {})
+        if batches:
+            out.append("")
+            out.append("storage batch sizes under HTTP load (group commit, from /metrics)")
+            brows = []
+            for scenario, per_level in batches.items():
+                for level, dist in sorted(per_level.items(), key=lambda kv: int(kv[0])):
+                    buckets = " ".join(f"{k}:{v}" for k, v in dist.get("buckets", {}).items()
+                                       if v)
+                    brows.append([scenario, level, _fmt(dist.get("batches")),
+                                  _fmt(dist.get("mean_batch"), ".2f"), buckets])
+            out.extend(_table(["scenario", "conns", "batches", "mean", "distribution"],
+                              brows, "lrrrl"))
+    storage = report.get("storage", {})
+    if storage:
+        out.append("")
+        out.append(f"storage actor alone ({storage.get('claims')} claims, "
+                   f"{storage.get('concurrency')} concurrent requesters, "
+                   f"{storage.get('tickets')} tickets)")
+        out.append(f"  ({storage.get('rate_basis', '')})")
+        srows = []
+        for key, label in (("group_commit", "storage actor, group commit (limit 256)"),
+                           ("one_per_tx", "storage actor, batch_limit=1"),
+                           ("raw_batched", "raw APSW, 64 claims a transaction"),
+                           ("raw_one_per_tx", "raw APSW, one claim a transaction")):
+            v = storage.get(key, {})
+            gcv = v.get("gc") or {}
+            srows.append([label, _fmt(v.get("claims_per_s"), ".0f"),
+                          _fmt(v.get("claims_per_wall_s"), ".0f"),
+                          _fmt(v.get("us_per_claim"), ".1f"), _fmt(v.get("mean_batch"), ".1f"),
+                          _fmt(gcv.get("share_of_run"), ".1%"),
+                          _fmt(gcv.get("max_pause_ms"), ".1f")])
+        out.extend(_table(["variant", "claims/cpu-s", "claims/wall-s", "cpu us/claim",
+                           "mean batch", "in gc", "max gc ms"], srows, "lrrrrrr"))
+    ingest = report.get("ingestion", {})
+    if ingest:
+        out.append("")
+        out.append(f"ingestion: {_fmt(ingest.get('transfers_per_s'), '.0f')} transfers per "
+                   f"CPU second, {_fmt(ingest.get('transfers_per_wall_s'), '.0f')} per wall "
+                   f"second ({ingest.get('transfers')} transfers in {ingest.get('messages')} "
+                   f"messages, {_fmt(ingest.get('seconds'), '.2f')} s; "
+                   f"{ingest.get('path', '')})")
+        gcv = ingest.get("gc") or {}
+        if gcv:
+            out.append(f"  cyclic GC: {_fmt(gcv.get('share_of_run'), '.1%')} of the run, "
+                       f"longest pause {_fmt(gcv.get('max_pause_ms'), '.1f')} ms")
+    mem = report.get("memory_startup", {})
+    if mem:
+        out.append("")
+        out.append(f"memory and start-up: {mem.get('recorded_pids')} recorded PIDs "
+                   f"({mem.get('loaded_by', '')}), Bloom fp {mem.get('bloom_fp_rate')}")
+        out.append(f"  ready {_fmt(mem.get('ready_s'), '.2f')} s (runs: "
+                   f"{', '.join(_fmt(x, '.2f') for x in mem.get('ready_runs_s', []))}), "
+                   f"Bloom prewarm {_fmt(mem.get('bloom_prewarm_s'), '.2f')} s; RSS "
+                   f"{_fmt(mem.get('rss_mb'), '.1f')} MB, peak {_fmt(mem.get('peak_mb'), '.1f')} "
+                   f"MB")
+        if mem.get("load_seconds") is not None:
+            out.append(f"  loading took {_fmt(mem.get('load_seconds'), '.1f')} s "
+                       f"({_fmt(mem.get('load_rows_per_s'), '.0f')} rows/s)")
+    ws = report.get("websocket", {})
+    if ws:
+        out.append("")
+        out.append(f"websocket: {ws.get('status')}")
+    prof = report.get("profile", {})
+    pruns = {k: v for k, v in prof.get("runs", {}).items() if "self_by_layer_pct" in v}
+    if pruns:
+        out.append("")
+        use_us = all("self_by_layer_us" in v for v in pruns.values())
+        key = "self_by_layer_us" if use_us else "self_by_layer_pct"
+        out.append(f"profile at {prof.get('connections')} connections (py-spy), self time by "
+                   f"layer in {'CPU us per request' if use_us else '% of busy samples'}:")
+        layers: list[str] = []
+        for v in pruns.values():
+            layers.extend(layer for layer in v[key] if layer not in layers)
+        names = list(pruns)
+        prow = [[layer, *(_fmt(pruns[n][key].get(layer, 0.0), ".0f" if use_us else ".1f")
+                          for n in names)] for layer in layers]
+        prow.append(["total (samples)", *(
+            f"{_fmt(pruns[n].get('cpu_us_per_req'), '.0f')} ({pruns[n]['samples']})"
+            if use_us else str(pruns[n]["samples"]) for n in names)])
+        out.extend(_table(["layer", *names], prow, "l" + "r" * len(names)))
+        out.append("inclusive (function anywhere on the stack), % of busy samples:")
+        labels = list(next(iter(pruns.values()))["inclusive_pct"])
+        irows = [[label, *(_fmt(pruns[n]["inclusive_pct"].get(label), ".1f") for n in names)]
+                 for label in labels]
+        out.extend(_table(["function", *names], irows, "l" + "r" * len(names)))
+    out.append("")
+    out.append("targets")
+    trows = []
+    for t in report.get("targets", []):
+        mark = {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
+        value = t["value"]
+        vtext = _fmt(value, ".0f" if isinstance(value, float) and value >= 1000 else ".3f")
+        trows.append([mark, t["id"], vtext, f"{t['op']} {t['threshold']:g} {t['unit']}".strip(),
+                      t["what"]])
+    out.extend(_table(["", "target", "value", "wanted", "what"], trows, "llrll"))
+    s = report.get("summary", {})
+    out.append(f"{s.get('passed', 0)} passed, {s.get('failed', 0)} failed"
+               + (f", {s['not_measured']} not measured" if s.get("not_measured") else ""))
+    return "\n".join(out)
+

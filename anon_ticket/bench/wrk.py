@@ -1,0 +1,240 @@
+"""The load generator: Debian's `wrk` with a Lua script that replays prepared requests.
+
+Every scenario is a file of request lines (a JSON body for POST, a path for GET). The script
+turns them into raw requests once, in `init` (so a request costs wrk a table lookup), cycles
+through them, classifies every response (status, and for a 200 redeem `success` or
+`already_claimed`) and prints one machine-readable line at the end:
+
+    BENCH_JSON {"requests": ..., "duration_us": ..., "latency_us": {...}, "counts": {...}, ...}
+
+`parse_wrk_output` reads that line (and nothing else), so the parser can be checked on a
+canned output without running wrk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MARKER = "BENCH_JSON "
+
+# Arguments after `--`: METHOD FILE PATH NTHREADS. A thread keeps the lines i with
+# i % NTHREADS == its id, so threads never send the same line.
+LUA_SCRIPT = r"""
+local threads = {}
+local nsetup = 0
+
+function setup(thread)
+  thread:set("tid", nsetup)
+  nsetup = nsetup + 1
+  table.insert(threads, thread)
+end
+
+function init(args)
+  local method, file, fixed_path, nthreads = args[1], args[2], args[3], tonumber(args[4])
+  reqs = {}
+  local i = 0
+  for line in io.lines(file) do
+    if line ~= "" then
+      if i % nthreads == tid then
+        if method == "GET" then
+          reqs[#reqs + 1] = wrk.format("GET", line, {})
+        else
+          local hdr = {["Content-Type"] = "application/json"}
+          reqs[#reqs + 1] = wrk.format(method, fixed_path, hdr, line)
+        end
+      end
+      i = i + 1
+    end
+  end
+  n = #reqs
+  idx = 0
+  wrapped = 0
+  counts = {}
+end
+
+function request()
+  idx = idx + 1
+  if idx > n then
+    idx = 1
+    wrapped = wrapped + 1
+  end
+  return reqs[idx]
+end
+
+function response(status, headers, body)
+  local key = tostring(status)
+  if status == 200 then
+    if string.find(body, '"already_claimed"', 1, true) then
+      key = "200:already_claimed"
+    elseif string.find(body, '"success"', 1, true) then
+      key = "200:success"
+    end
+  end
+  counts[key] = (counts[key] or 0) + 1
+end
+
+function done(summary, latency, requests)
+  local total = {}
+  local wraps = 0
+  for _, t in ipairs(threads) do
+    local c = t:get("counts")
+    if c then
+      for k, v in pairs(c) do total[k] = (total[k] or 0) + v end
+    end
+    wraps = wraps + (t:get("wrapped") or 0)
+  end
+  local parts = {}
+  for k, v in pairs(total) do parts[#parts + 1] = string.format('"%s":%d', k, v) end
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_JSON {"requests":%d,"duration_us":%d,' ..
+    '"latency_us":{"p50":%.1f,"p90":%.1f,"p99":%.1f,"mean":%.1f,"max":%.1f,"min":%.1f},' ..
+    '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
+    '"counts":{%s},"wrapped":%d}\n',
+    summary.requests, summary.duration,
+    latency:percentile(50.0), latency:percentile(90.0), latency:percentile(99.0),
+    latency.mean, latency.max, latency.min,
+    e.connect, e.read, e.write, e.status, e.timeout,
+    table.concat(parts, ","), wraps))
+end
+"""
+
+
+class WrkError(RuntimeError):
+    """wrk did not run, or printed no result line."""
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    duration_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    max_ms: float
+    counts: dict[str, int]
+    errors: dict[str, int]
+    wrapped: int = 0
+    # Filled in by `run_wrk` (not part of wrk's output).
+    generator_cpu: float | None = None  # wrk's CPU time / wall time (1.0 = one core busy)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.duration_s if self.duration_s > 0 else 0.0
+
+    @property
+    def tail(self) -> float:
+        """p99 / p50: how much worse the slow requests are than the typical one."""
+        return self.p99_ms / self.p50_ms if self.p50_ms > 0 else 0.0
+
+    @property
+    def socket_errors(self) -> int:
+        return sum(v for k, v in self.errors.items() if k != "status")
+
+    def count_of(self, keys: Sequence[str]) -> int:
+        return sum(self.counts.get(k, 0) for k in keys)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["rps"] = round(self.rps, 1)
+        d["tail_p99_over_p50"] = round(self.tail, 3)
+        return d
+
+
+def parse_wrk_output(text: str) -> WrkResult:
+    """Read the `BENCH_JSON` line the script prints at the end of a run."""
+    for line in reversed(text.splitlines()):
+        if line.startswith(MARKER):
+            data = json.loads(line[len(MARKER):])
+            lat = data["latency_us"]
+            return WrkResult(
+                requests=int(data["requests"]),
+                duration_s=float(data["duration_us"]) / 1e6,
+                p50_ms=float(lat["p50"]) / 1000,
+                p90_ms=float(lat["p90"]) / 1000,
+                p99_ms=float(lat["p99"]) / 1000,
+                mean_ms=float(lat["mean"]) / 1000,
+                max_ms=float(lat["max"]) / 1000,
+                counts={str(k): int(v) for k, v in data.get("counts", {}).items()},
+                errors={str(k): int(v) for k, v in data.get("errors", {}).items()},
+                wrapped=int(data.get("wrapped", 0)),
+            )
+    raise WrkError(f"no {MARKER.strip()} line in wrk's output:\n{text[-2000:]}")
+
+
+def wrk_binary() -> str | None:
+    return shutil.which("wrk")
+
+
+def wrk_version() -> str:
+    exe = wrk_binary()
+    if exe is None:
+        return "not installed"
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10)
+    first = (out.stdout or out.stderr).splitlines()
+    return first[0].strip() if first else "unknown"
+
+
+def write_script(directory: Path) -> Path:
+    path = directory / "replay.lua"
+    path.write_text(LUA_SCRIPT)
+    return path
+
+
+def write_lines(path: Path, lines: Sequence[str]) -> Path:
+    path.write_text("".join(f"{line}\n" for line in lines))
+    return path
+
+
+def _pinned(cpus: set[int] | None) -> Any:
+    if not cpus:
+        return None
+
+    def pin() -> None:
+        os.sched_setaffinity(0, cpus)
+
+    return pin
+
+
+def run_wrk(url: str, *, script: Path, method: str, path: str, lines_file: Path,
+            connections: int, duration_s: int, threads: int = 1,
+            cpus: set[int] | None = None, timeout_s: int = 10) -> WrkResult:
+    """Drive `url` for `duration_s` seconds with `connections` keep-alive connections."""
+    exe = wrk_binary()
+    if exe is None:
+        raise WrkError("wrk is not installed (Debian: apt-get install wrk)")
+    threads = max(1, min(threads, connections))
+    cmd = [exe, "-t", str(threads), "-c", str(connections), "-d", f"{duration_s}s",
+           "--timeout", f"{timeout_s}s", "-s", str(script), url,
+           "--", method, str(lines_file), path, str(threads)]
+    with tempfile.TemporaryFile(mode="w+") as out:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=_pinned(cpus))
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - started
+        out.seek(0)
+        text = out.read()
+    if proc.returncode != 0:
+        raise WrkError(f"wrk exited {proc.returncode}:\n{text[-2000:]}")
+    result = parse_wrk_output(text)
+    if wall > 0:
+        result.generator_cpu = round((usage.ru_utime + usage.ru_stime) / wall, 3)
+    return result

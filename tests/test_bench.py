@@ -1,0 +1,219 @@
+"""The benchmark's machinery (`anon_ticket.bench`): parsers and report on canned data, then the
+smallest real pieces (a short wrk run with the Lua script, the storage actor alone, ingestion),
+and the whole `--quick` run as a slow test."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from anon_ticket.bench import data, inproc, procs, profiling, report, wrk
+
+# What `wrk -s replay.lua` prints (the text part is wrk's own; the last line is the script's).
+CANNED_WRK = """\
+Running 2s test @ http://127.0.0.1:40123
+  1 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    37.65ms   10.12ms  98.40ms   78.00%
+    Req/Sec     1.70k   120.00     1.90k    70.00%
+  3400 requests in 2.00s, 612.30KB read
+  Non-2xx or 3xx responses: 12
+Requests/sec:   1699.50
+Transfer/sec:    306.10KB
+BENCH_JSON {"requests":3400,"duration_us":2000600,"latency_us":{"p50":35120.0,"p90":48000.5,\
+"p99":74310.0,"mean":37650.2,"max":98400.0,"min":1200.0},"errors":{"connect":0,"read":0,\
+"write":0,"status":12,"timeout":0},"counts":{"200:success":3388,"503":12},"wrapped":0}
+"""
+
+CANNED_METRICS = """\
+# HELP anon_ticket_storage_batch_size Requests per group commit
+# TYPE anon_ticket_storage_batch_size histogram
+anon_ticket_storage_batch_size_bucket{le="1.0"} 10.0
+anon_ticket_storage_batch_size_bucket{le="2.0"} 15.0
+anon_ticket_storage_batch_size_bucket{le="4.0"} 18.0
+anon_ticket_storage_batch_size_bucket{le="8.0"} 18.0
+anon_ticket_storage_batch_size_bucket{le="+Inf"} 18.0
+anon_ticket_storage_batch_size_count 18.0
+anon_ticket_storage_batch_size_sum 30.0
+"""
+
+CANNED_STACKS = """\
+<module> (anon_ticket/__main__.py:1);run (trio/_core/_run.py:2424);\
+handle_request (quart_trio/asgi.py:42);Public.create_app.<locals>.redeem (actors/public.py:120);\
+Mailbox.ask (supervisors/mailbox.py:69) 3
+<module> (anon_ticket/__main__.py:1);run (trio/_core/_run.py:2424);\
+Storage._run_batch (actors/storage.py:184);Storage._claim (actors/storage.py:250);\
+Storage._one (actors/storage.py:241) 5
+<module> (anon_ticket/__main__.py:1);run (trio/_core/_run.py:2424);\
+Connection._process_event (h11/_connection.py:272) 2
+Thread._bootstrap (threading.py:988);WorkerThread._work (trio/_core/_thread_cache.py:209) 40
+"""
+
+
+def test_wrk_output_is_parsed() -> None:
+    r = wrk.parse_wrk_output(CANNED_WRK)
+    assert r.requests == 3400
+    assert r.duration_s == pytest.approx(2.0006)
+    assert r.rps == pytest.approx(3400 / 2.0006)
+    assert r.p50_ms == pytest.approx(35.12) and r.p99_ms == pytest.approx(74.31)
+    assert r.tail == pytest.approx(74.31 / 35.12)
+    assert r.counts == {"200:success": 3388, "503": 12}
+    assert r.count_of(("200:success",)) == 3388
+    assert r.errors["status"] == 12 and r.socket_errors == 0
+    with pytest.raises(wrk.WrkError):
+        wrk.parse_wrk_output("Running 2s test\nRequests/sec: 10\n")
+
+
+def test_batch_histogram_is_read_from_metrics() -> None:
+    before = procs.histogram(CANNED_METRICS, "anon_ticket_storage_batch_size")
+    assert before["_count"] == 18 and before["_sum"] == 30 and before["2.0"] == 15
+    zero = {k: 0.0 for k in before}
+    dist = procs.bucket_distribution(procs.histogram_delta(zero, before))
+    assert dist["batches"] == 18 and dist["requests"] == 30
+    assert dist["mean_batch"] == pytest.approx(30 / 18, abs=0.01)
+    assert dist["buckets"] == {"1": 10, "2": 5, "3-4": 3, "5-8": 0}
+
+
+def test_profile_summary_sorts_samples_into_layers() -> None:
+    s = profiling.summarise(CANNED_STACKS)
+    assert s["samples"] == 10 and s["idle_samples_left_out"] == 40
+    assert s["self_by_layer_pct"]["storage actor + APSW (SQL)"] == 50.0
+    assert s["self_by_layer_pct"]["mailbox hops (ask/reply)"] == 30.0
+    assert s["self_by_layer_pct"]["h11 (HTTP parsing)"] == 20.0
+    assert s["inclusive_pct"]["redeem handler (public.py: redeem)"] == 30.0
+    assert s["inclusive_pct"]["storage claim handler (_claim)"] == 50.0
+
+
+def _cell(rps: float, p50: float, p99: float) -> dict[str, float]:
+    return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "tail": p99 / p50}
+
+
+def test_report_targets_table_and_json(tmp_path: Path) -> None:
+    quart = _cell(1600, 36, 72)
+    cells = {"quart_ceiling": quart, "new_claims": _cell(1400, 40, 90),
+             "already_claimed": _cell(1500, 38, 76), "bloom_negative": _cell(1000, 50, 100),
+             "invalid_pid": _cell(1550, 37, 74), "token": _cell(1450, 39, 80)}
+    scenarios = {}
+    for name, cell in cells.items():
+        cell = dict(cell)
+        cell["ratio_to_quart"] = cell["rps"] / quart["rps"]
+        cell["tail_to_quart"] = cell["tail"] / quart["tail"]
+        scenarios[name] = {"64": cell}
+    rep = report.finish({
+        "meta": {"mode": "quick"},
+        "http": {"scenarios": scenarios, "repetitions": 1},
+        "storage": {"group_commit_to_raw_batched": 0.8, "group_commit_to_one_per_tx": 3.0},
+        "ingestion": {"transfers_per_s": 15_000.0, "transfers": 100},
+        "memory_startup": {"rss_mb": 80.0, "ready_s": 4.0, "recorded_pids": 1_000_000},
+        "websocket": {"status": "not measured yet"},
+    })
+    verdict = {t["id"]: t["pass"] for t in rep["targets"]}
+    assert verdict["throughput.new_claims"] is True  # 0.875
+    assert verdict["throughput.bloom_negative"] is False  # 0.625
+    assert verdict["tail.new_claims"] is True  # 2.25 / 2.0 = 1.125
+    assert verdict["tail.token"] is True
+    assert verdict["storage.vs_raw_batched"] is True
+    assert verdict["ingestion.rate"] is False
+    assert verdict["startup.rss"] is True and verdict["startup.ready"] is True
+    assert rep["summary"]["failed_ids"] == ["throughput.bloom_negative", "ingestion.rate"]
+    text = report.render(rep)
+    assert "redeem: new claim (fresh PID)" in text
+    assert "FAIL  throughput.bloom_negative" in text
+    assert "websocket: not measured yet" in text
+    out = tmp_path / "r" / "report.json"
+    report.write_json(rep, out)
+    assert json.loads(out.read_text())["summary"]["failed"] == 2
+
+
+def test_missing_sections_are_not_measured() -> None:
+    rep = report.finish({"websocket": {"status": "not measured yet"}})
+    assert all(t["pass"] is None for t in rep["targets"])
+    assert rep["summary"]["not_measured"] == len(rep["targets"])
+    report.render(rep)  # no KeyError on an empty report
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_wrk_drives_the_raw_asgi_ceiling(tmp_path: Path) -> None:
+    """The Lua script against a real server: every request answered and classified."""
+    child = procs.start_ceiling("raw", cpus=None, log_path=tmp_path / "raw.log")
+    try:
+        script = wrk.write_script(tmp_path)
+        lines = wrk.write_lines(tmp_path / "bodies.txt",
+                                [json.dumps({"pid": f"{i:016x}"}) for i in range(1, 50)])
+        r = wrk.run_wrk(child.url, script=script, method="POST", path="/echo",
+                        lines_file=lines, connections=4, duration_s=1)
+        cpu = child.cpu_seconds()
+    finally:
+        child.stop()
+    assert r.requests > 50
+    assert r.counts.get("200", 0) >= r.requests - 4  # the last few may be cut at the end
+    assert r.socket_errors == 0
+    assert r.wrapped >= 1  # 49 lines, cycled
+    assert r.generator_cpu is not None and cpu > 0
+
+
+def test_storage_alone_and_ingestion_on_an_imported_database(tmp_path: Path) -> None:
+    """The in-process measurements on a database loaded through `db import-legacy`."""
+    legacy = data.write_legacy(tmp_path / "legacy.db", data.pids("t-fresh", 300),
+                               data.pids("t-claimed", 20))
+    imported = data.import_legacy_cli(tmp_path / "d", legacy.path, 320)
+    assert "tickets created:           320" in imported.output
+    base = tmp_path / "base.db"
+    data.copy_database(tmp_path / "d" / "anon-ticket.db", base)
+    assert data.count_tickets(base) == 320
+
+    pids = legacy.unclaimed[:200]
+    for limit in (256, 1):
+        db = tmp_path / f"group-{limit}.db"
+        data.copy_database(base, db)
+        run = inproc.storage_claims(db, pids, concurrency=64, batch_limit=limit)
+        assert run.outcomes == {"success": 200}, run.outcomes
+        assert run.per_s > 0 and run.per_cpu_s > 0
+        dist = procs.bucket_distribution(run.batches)
+        assert dist["requests"] == 200
+        batches = dist["batches"]
+        assert isinstance(batches, int)
+        if limit == 1:
+            assert batches == 200
+        else:
+            assert batches < 100  # group commit grouped them
+    raw = tmp_path / "raw.db"
+    data.copy_database(base, raw)
+    assert inproc.raw_claims(raw, pids, per_tx=64).outcomes == {"success": 200}
+    # the same claims again: all already claimed, nothing changes
+    assert inproc.raw_claims(raw, pids, per_tx=64).outcomes == {"not_claimable": 200}
+
+    ingest_db = tmp_path / "ingest.db"
+    data.copy_database(base, ingest_db)
+    transfers = inproc.make_transfers(600, first_height=50_000, per_block=10)
+    run_i = inproc.ingest(ingest_db, transfers, window_blocks=20)
+    assert run_i.credited == 600 and run_i.new_pids == 600
+    assert run_i.messages >= 3  # split at block boundaries, 256 a message
+    assert run_i.cursor == 50_000 + 3 * 20 - 1
+    assert data.count_tickets(ingest_db) == 920
+
+
+def test_bulk_load_writes_recorded_tickets(tmp_path: Path) -> None:
+    db = tmp_path / "big.db"
+    data.bulk_load(db, 1000)
+    assert data.count_tickets(db) == 1000
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_quick_bench_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "-m", "anon_ticket.bench", "--quick",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    for section in ("http", "storage", "ingestion", "memory_startup", "websocket", "targets"):
+        assert section in rep and "error" not in rep[section], section
+    assert rep["websocket"]["status"] == "not measured yet"
+    assert rep["meta"]["duration_s"] < 60
+    assert "targets" in done.stdout
