@@ -27,10 +27,29 @@ class Failure:
     error: AnonTicketError
 
 
+class Reply:
+    """A one-shot reply channel: cheaper than a memory channel per request (the redeem path
+    makes one or two requests), with the same rule: the first answer wins, and an answer to
+    a requester that gave up is dropped."""
+
+    __slots__ = ("abandoned", "done", "value")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.value: object = None
+        self.abandoned = False
+
+    def put(self, value: object) -> None:
+        if self.abandoned or self.done.is_set():
+            return
+        self.value = value
+        self.done.set()
+
+
 @dataclass(slots=True)
 class Envelope(Generic[M]):
     msg: M
-    reply_to: trio.MemorySendChannel[Any] | None
+    reply_to: Reply | None
     deadline: float
 
     def expired(self, now: float) -> bool:
@@ -40,10 +59,7 @@ class Envelope(Generic[M]):
         """Answer once; a requester that already gave up is not an error."""
         if self.reply_to is None:
             return
-        try:
-            self.reply_to.send_nowait(value)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
-            pass
+        self.reply_to.put(value)
         self.reply_to = None
 
     def fail(self, error: AnonTicketError) -> None:
@@ -75,17 +91,20 @@ class Mailbox(Generic[M]):
         if not self.serving:
             raise self._unavailable()
         deadline = trio.current_time() + timeout
-        reply_send, reply_recv = trio.open_memory_channel[Any](1)
-        with reply_recv, trio.move_on_at(deadline):
+        slot = Reply()
+        with trio.move_on_at(deadline):
             try:
-                self._send.send_nowait(Envelope(msg, reply_send, deadline))
+                self._send.send_nowait(Envelope(msg, slot, deadline))
             except trio.WouldBlock:
-                await self._send.send(Envelope(msg, reply_send, deadline))
-            answer = await reply_recv.receive()
-            if isinstance(answer, Failure):
-                raise answer.error
-            return answer
-        raise Unavailable(f"{self.name} did not answer in time", retry_after=1)
+                await self._send.send(Envelope(msg, slot, deadline))
+            await slot.done.wait()
+        if not slot.done.is_set():
+            slot.abandoned = True  # a late answer is dropped
+            raise Unavailable(f"{self.name} did not answer in time", retry_after=1)
+        answer = slot.value
+        if isinstance(answer, Failure):
+            raise answer.error
+        return answer
 
     def tell(self, msg: M) -> None:
         """Send without waiting for an answer; raises Unavailable when the mailbox is full."""
