@@ -20,6 +20,7 @@ from anon_ticket.errors import (
     RpcUnavailable,
 )
 from anon_ticket.walletrpc import JsonRpc, WalletRpc
+from tests.asgi import lifespan, read_body
 from tests.harness import free_port
 
 
@@ -31,19 +32,9 @@ class Scripted:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+            await lifespan(receive, send)
+            return
+        body = await read_body(receive)
         answer = self.answers[json.loads(body)["method"]]
         if answer is None:
             await trio.sleep_forever()

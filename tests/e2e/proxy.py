@@ -12,6 +12,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from tests.asgi import lifespan, read_body
 from tests.harness import free_port
 
 
@@ -25,19 +26,9 @@ class RecordingProxy:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+            await lifespan(receive, send)
+            return
+        body = await read_body(receive)
         try:
             call = json.loads(body)
             self.calls.append((call.get("method", ""), call.get("params", {})))
