@@ -81,7 +81,6 @@ class Filter:
         # Values are tuples of atoms (expiry, token bytes, balance): CPython untracks them, so
         # a full cache adds nothing to garbage-collection pauses on the redeem path.
         self._cache: OrderedDict[bytes, tuple[float, bytes, int]] = OrderedDict()
-        self._added = 0
         hints = metrics.redeem_cache_hints
         self._hint_negative = hints.labels("bloom_negative")
         self._hint_cache_hit = hints.labels("cache_hit")

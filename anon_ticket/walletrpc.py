@@ -44,7 +44,6 @@ TIMEOUTS: dict[str, float] = {
 DEFAULT_TIMEOUT = 30.0
 # monero-wallet-rpc error codes we act on
 DAEMON_IS_BUSY = -3
-WALLET_NOT_OPEN = -13
 NOT_FOUND_TXID = -8
 WATCH_ONLY = -29
 

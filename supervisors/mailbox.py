@@ -17,7 +17,6 @@ import trio
 from anon_ticket.errors import AnonTicketError, Unavailable
 
 M = TypeVar("M")
-R = TypeVar("R")
 
 
 @dataclass(slots=True)

@@ -109,6 +109,7 @@ class Supervisor:
         grace: float = 10.0,
         commands: Mailbox[Any] | None = None,
         rng: random.Random | None = None,
+        on_restart: Callable[[str], None] | None = None,
     ) -> None:
         self.name = name
         self.strategy = strategy
@@ -118,6 +119,7 @@ class Supervisor:
         self.grace = grace
         self.commands = commands
         self._rng = rng or random.Random()
+        self._on_restart = on_restart
         self._children = [_Child(spec) for spec in children]
         self._restart_times: deque[float] = deque()
         self._stop = trio.Event()
@@ -222,6 +224,10 @@ class Supervisor:
             child.scope.cancel()
             await child.exited.wait()
 
+    def _count_restart(self, child: _Child) -> None:
+        if self._on_restart is not None:
+            self._on_restart(child.spec.name)
+
     def _record_restart(self, child: _Child) -> None:
         now = trio.current_time()
         self._restart_times.append(now)
@@ -292,10 +298,13 @@ class Supervisor:
                     await child.release.wait()
                     child.held = False
                     child.release = trio.Event()
+                    child.restarts += 1  # restarted with the child it depends on
+                    self._count_restart(child)
                     continue
                 if child.restart_requested:
                     child.restart_requested = False
                     child.restarts += 1
+                    self._count_restart(child)
                     log.info("actor restarted on request", actor=child.spec.name)
                     continue
                 # A child that returns on its own when nobody asked it to is a crash too.
@@ -305,6 +314,7 @@ class Supervisor:
             child.state = "restarting"
             child.attempt = 1 if ran_for > self.period else child.attempt + 1
             child.restarts += 1
+            self._count_restart(child)
             log.error("actor crashed", actor=child.spec.name, error=child.last_error,
                       restarts=child.restarts)
             log.debug("crash traceback", actor=child.spec.name,

@@ -110,7 +110,8 @@ def build_tree(settings: Settings, secret: bytes, *,
     metrics = Metrics()
     backoff = Backoff(settings.backoff_initial_secs, settings.backoff_max_secs)
     limits = dict(intensity=settings.restart_intensity, period=settings.restart_period_secs,
-                  backoff=backoff, grace=settings.grace_secs)
+                  backoff=backoff, grace=settings.grace_secs,
+                  on_restart=lambda name: metrics.restarts.labels(name).inc())
 
     storage_cfg = StorageConfig(
         db_path=settings.database_path,

@@ -72,6 +72,9 @@ async def test_storage_crash_is_restarted_and_meanwhile_redeem_is_503(tmp_path: 
         storage = status["actors"][0]["children"][0]
         assert storage["restarts"] == 1 and "injected crash" in storage["last_error"]
         assert storage["state"] == "running"
+        metrics = (await srv.internal.get("/metrics")).text
+        assert 'anon_ticket_actor_restarts_total{actor="storage"} 1.0' in metrics
+        assert 'anon_ticket_actor_restarts_total{actor="filter"} 1.0' in metrics  # rest-for-one
         filt = status["actors"][0]["children"][1]
         assert filt["state"] == "running"  # rest-for-one: rebuilt after storage
 

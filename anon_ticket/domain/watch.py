@@ -29,7 +29,6 @@ from anon_ticket.errors import InvalidInput
 MAX_SUBSCRIPTIONS = 16
 # Close codes
 GOING_AWAY = 1001  # draining or shutting down
-TOO_BIG = 1009
 TRY_AGAIN_LATER = 1013  # too many connections
 SLOW_CONSUMER = 4008
 
