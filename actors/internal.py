@@ -136,7 +136,7 @@ class Internal:
         async def body() -> dict[str, Any]:
             if not await request.get_data(cache=True):
                 return {}
-            return await read_json_object(request, cfg.max_body_bytes)
+            return await read_json_object(request)
 
         @app.get("/metrics")
         async def metrics() -> Response:

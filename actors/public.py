@@ -338,7 +338,7 @@ class Public:
                 outcomes["unavailable"].inc()
                 return json_error(503, "service is draining", 5)
             try:
-                data = await read_json_object(request, cfg.max_body_bytes)
+                data = await read_json_object(request)
                 if "pid" not in data:
                     raise InvalidInput("invalid request: missing field `pid`")
                 pid = PaymentId.parse(data["pid"])

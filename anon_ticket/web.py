@@ -93,13 +93,13 @@ def install_error_handlers(app: QuartTrio) -> None:
         return json_error(500, "internal error")
 
 
-async def read_json_object(request: Any, max_bytes: int) -> dict[str, Any]:
-    """The body as a JSON object, or InvalidInput with a clear reason (never a traceback)."""
+async def read_json_object(request: Any) -> dict[str, Any]:
+    """The body as a JSON object, or InvalidInput with a clear reason (never a traceback).
+
+    The size limit is the app's MAX_CONTENT_LENGTH (413), for chunked bodies too."""
     if request.mimetype != JSON:
         raise InvalidInput("invalid request: content type must be application/json")
     body = await request.get_data(cache=False)
-    if len(body) > max_bytes:
-        raise InvalidInput("invalid request: body too large")
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -86,6 +87,15 @@ async def test_bad_bodies_are_4xx_json(tmp_path: Path) -> None:
             assert_json_error(resp, resp.status_code)
         big = await c.post(post, content=b'{"pid": "' + b"a" * 10_000 + b'"}', headers=json_ct)
         assert_json_error(big, 413, "request body too large")
+
+        async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: still limited
+            yield b'{"pid": "'
+            for _ in range(10):
+                yield b"a" * 1000
+            yield b'"}'
+
+        streamed = await c.post(post, content=chunked(), headers=json_ct)
+        assert_json_error(streamed, 413, "request body too large")
 
 
 async def test_framework_errors_are_json(tmp_path: Path) -> None:
