@@ -8,7 +8,6 @@ can use `curl --unix-socket`. Every state-changing command is logged as an audit
 from __future__ import annotations
 
 import hmac
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,12 +38,11 @@ from anon_ticket.errors import AnonTicketError, InvalidInput
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
 from anon_ticket.web import (
-    bind_tcp,
-    bind_unix,
     describe_socket,
     install_error_handlers,
     json_error,
     json_response,
+    listening_socket,
     read_json_object,
     serve_app,
 )
@@ -99,22 +97,13 @@ class Internal:
     def stop(self) -> None:
         self._stop.set()
 
-    def _bind(self) -> socket.socket:
-        if self.config.unix_socket is not None:
-            return bind_unix(self.config.unix_socket, 0o600, dir_mode=0o700)
-        assert self.config.host is not None and self.config.port is not None
-        return bind_tcp(self.config.host, self.config.port)
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        sock = self._bind()
-        try:
+        cfg = self.config
+        with listening_socket(unix_path=cfg.unix_socket, mode=0o600, dir_mode=0o700,
+                              host=cfg.host, port=cfg.port) as sock:
             log.info("internal listener serving", address=describe_socket(sock))
-            await serve_app(self.create_app(), sock, grace=self.config.grace,
+            await serve_app(self.create_app(), sock, grace=cfg.grace,
                             shutdown=self._stop.wait, task_status=task_status)
-        finally:
-            sock.close()
-            if self.config.unix_socket is not None:
-                self.config.unix_socket.unlink(missing_ok=True)
 
     def create_app(self) -> QuartTrio:
         app = QuartTrio("anon_ticket.internal")

@@ -51,13 +51,12 @@ from anon_ticket.errors import AnonTicketError, InvalidInput, NotFound, Unavaila
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
 from anon_ticket.web import (
-    bind_tcp,
-    bind_unix,
     describe_socket,
     error_response,
     install_error_handlers,
     json_error,
     json_response,
+    listening_socket,
     read_json_object,
     serve_app,
 )
@@ -144,14 +143,11 @@ class Public:
                 self.drain(env.msg.reason)
                 env.reply({"draining": True, "watchers_closing": len(self._connections)})
 
-    def _bind(self) -> socket.socket:
-        if self.config.unix_socket is not None:
-            return bind_unix(self.config.unix_socket, 0o666)
-        return bind_tcp(self.config.host, self.config.port)
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        sock = self._bind()
-        try:
+        cfg = self.config
+        # The public socket serves the public API: readable by any local user (a proxy).
+        with listening_socket(unix_path=cfg.unix_socket, mode=0o666, host=cfg.host,
+                              port=cfg.port) as sock:
             self.address = describe_socket(sock)
             log.info("public listener serving", address=self.address)
             app = self.create_app()
@@ -162,10 +158,6 @@ class Public:
                     nursery.start_soon(self._serve_commands)
                 task_status.started()
             log.info("public listener stopped")
-        finally:
-            sock.close()
-            if self.config.unix_socket is not None:
-                self.config.unix_socket.unlink(missing_ok=True)
 
     async def _serve_http(self, app: QuartTrio, sock: socket.socket, done: trio.CancelScope,
                           *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

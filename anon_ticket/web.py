@@ -14,7 +14,8 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,25 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     sock.listen(1024)
     sock.setblocking(False)
     return sock
+
+
+@contextmanager
+def listening_socket(*, unix_path: Path | None, mode: int = 0o600, dir_mode: int | None = None,
+                     host: str | None = None, port: int | None = None
+                     ) -> Iterator[socket.socket]:
+    """A listening socket of ours for one listener run: on a unix path (exact mode, stale
+    socket only replaced) or TCP; closed, and its path removed, when the run ends."""
+    if unix_path is not None:
+        sock = bind_unix(unix_path, mode, dir_mode=dir_mode)
+    else:
+        assert host is not None and port is not None
+        sock = bind_tcp(host, port)
+    try:
+        yield sock
+    finally:
+        sock.close()
+        if unix_path is not None:
+            unix_path.unlink(missing_ok=True)
 
 
 def describe_socket(sock: socket.socket) -> str:
