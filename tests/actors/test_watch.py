@@ -255,6 +255,7 @@ async def test_a_watcher_that_stops_reading_is_closed_and_slows_nothing(
 
         async def rate_while_pumping(stuck: bool) -> tuple[float, float | None, int | None]:
             stop = trio.Event()
+            dropped = (await srv.tree.mailboxes.hub.ask(HubStats(), 5))["slow_watchers_dropped"]
             stuck_watcher = await StuckWatcher.open(srv, busy) if stuck else None
             started = trio.current_time()
             async with trio.open_nursery() as nursery:
@@ -263,8 +264,8 @@ async def test_a_watcher_that_stops_reading_is_closed_and_slows_nothing(
                 closed_after = None
                 if stuck_watcher is not None:
                     with trio.fail_after(30):
-                        while not (await srv.tree.mailboxes.hub.ask(HubStats(), 5)
-                                   )["slow_watchers_dropped"]:
+                        while (await srv.tree.mailboxes.hub.ask(HubStats(), 5)
+                               )["slow_watchers_dropped"] == dropped:
                             await trio.sleep(0.01)
                     closed_after = trio.current_time() - started
                 stop.set()
@@ -281,13 +282,16 @@ async def test_a_watcher_that_stops_reading_is_closed_and_slows_nothing(
 
             async with trio.open_nursery() as reader:
                 reader.start_soon(drain_healthy)
+                # best of two on each side: the machine is shared and noisy
                 baseline = max([(await rate_while_pumping(False))[0] for _ in range(2)])
-                rate, closed_after, code = await rate_while_pumping(True)
+                stuck = [await rate_while_pumping(True) for _ in range(2)]
                 reader.cancel_scope.cancel()
-            assert code == 4008  # closed with the stated code...
-            # ...within the stated time: the send timeout (2 s here) after the kernel's socket
-            # buffers (a few hundred KB on loopback) have filled up
-            assert closed_after is not None and closed_after < 20
+            rate = max(r for r, _, _ in stuck)
+            for _, closed_after, code in stuck:
+                assert code == 4008  # closed with the stated code...
+                # ...within the stated time: the send timeout (2 s here) after the kernel's
+                # socket buffers (a few hundred KB on loopback) have filled up
+                assert closed_after is not None and closed_after < 20
             assert rate >= 0.9 * baseline, (rate, baseline)  # and it slowed nobody down
             await send(healthy, op="ping")  # the healthy watcher is still connected
             with trio.fail_after(10):
