@@ -198,7 +198,11 @@ async def test_wallet_failures_back_off_degrade_and_recover(tmp_path: Path) -> N
 
         await wait_for(degraded)
         wallet.fail = RpcUnavailable("refused")
-        await trio.sleep(0.1)
+
+        async def refused() -> bool:
+            return "refused" in ((await mb.ask(PollerStatus(), 5))["last_error"] or "")
+
+        await wait_for(refused)
         wallet.fail = None
         await wait_for(lambda: cursor_is(mb, 100))  # caught up by itself
         st = await mb.ask(PollerStatus(), 5)
@@ -243,8 +247,13 @@ async def test_a_transfer_re_mined_lower_counts_once(tmp_path: Path) -> None:
         wallet.entries = [entry(pid, 84, txid=txid)]  # the same tx in a lower block
         wallet.height = 101
         await wait_for(lambda: cursor_is(mb, 91))
-        await trio.sleep(0.05)
-        assert (await core.storage.ask(Claim(pid), 5)).balance == 10**12
+
+        async def moved() -> bool:  # the recent-window scan re-ingested it at 84
+            recent = await core.storage.ask(RecentTransfers(0), 5)
+            return [r.height for r in recent] == [84]
+
+        await wait_for(moved)
+        assert (await core.storage.ask(Claim(pid), 5)).balance == 10**12  # counted once
         n.cancel_scope.cancel()
 
 
