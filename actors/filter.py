@@ -33,6 +33,7 @@ from anon_ticket.domain.messages import (
     Lookup,
     Presence,
     Publish,
+    TicketEvent,
 )
 from anon_ticket.errors import AnonTicketError
 from anon_ticket.logs import get_logger
@@ -142,12 +143,12 @@ class Filter:
     def _publish(self, env: Envelope[Any]) -> None:
         self._to_hub(env.msg.events)
 
-    def _to_hub(self, events: tuple[object, ...]) -> None:
+    def _to_hub(self, events: tuple[TicketEvent, ...]) -> None:
         """Committed events, in commit order; the hub never holds up this actor."""
         if self.hub is None:
             return
         try:
-            self.hub.tell(Publish(events))  # type: ignore[arg-type]
+            self.hub.tell(Publish(events))
         except AnonTicketError:
             self.metrics.alerts.labels("hub_mailbox_full").inc()
 

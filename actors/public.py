@@ -112,7 +112,6 @@ class Public:
         self.hub = hub
         self.mailbox = mailbox
         self.metrics = metrics
-        self.draining = False
         self._stop = trio.Event()
         self._closing = trio.Event()
         self._connections: set[_WatchConnection] = set()
@@ -120,11 +119,14 @@ class Public:
         self._no_watchers.set()
         self.address: str | None = None
 
+    @property
+    def draining(self) -> bool:
+        return self._closing.is_set()
+
     def drain(self, reason: str) -> None:
         """Claims answer 503 with Retry-After from now on; watchers are closed (1001)."""
         if not self.draining:
             log.info("draining", reason=reason, watchers=len(self._connections))
-        self.draining = True
         self._closing.set()
 
     async def stop(self) -> None:
