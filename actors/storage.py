@@ -63,6 +63,17 @@ from supervisors.mailbox import Envelope, Failure, Mailbox
 log = get_logger("storage")
 
 NOT_FOUND = "payment not found"
+# A claim reads the ticket and its first surviving transfer (the token's input) at once...
+CLAIM_READ = (
+    "SELECT amount, token, (SELECT txid FROM transfers WHERE transfers.pid = tickets.pid "
+    "AND vanished_at IS NULL ORDER BY height, txid LIMIT 1) FROM tickets WHERE pid = ?")
+# ...and writes token, time and the ticket's next event number in one statement.
+CLAIM_WRITE = ("UPDATE tickets SET token = ?, claimed_at = ?, seq = seq + 1 WHERE pid = ? "
+               "RETURNING seq")
+# Crediting a transfer to its ticket: create it or add to it, and number the event.
+CREDIT = ("INSERT INTO tickets (pid, amount, created_at, seq) VALUES (?, ?, ?, 1) "
+          "ON CONFLICT (pid) DO UPDATE SET amount = amount + excluded.amount, seq = seq + 1 "
+          "RETURNING amount, token, revoked_at, seq")
 # A passive checkpoint runs (off the loop) once this many pages wait in the WAL.
 CHECKPOINT_WAL_PAGES = 2000
 
@@ -128,6 +139,11 @@ class Storage:
             StorageStats: self._stats,
         }
         self._kinds = {t: t.__name__.lower() for t in self._handlers}
+        # Requests that write more than one statement run in a savepoint of their own; a
+        # single statement is atomic by itself (SQLite undoes a failed statement alone).
+        self._multi_write = {RecordTransfers, MarkVanished}
+        self._counters = {t: metrics.storage_requests.labels(k) for t, k in self._kinds.items()}
+        self._now = ""  # the batch's timestamp: one clock reading per transaction
         self._checkpoint_wanted = trio.Event()
         self._epoch = 0
 
@@ -199,15 +215,21 @@ class Storage:
         started = time.perf_counter()
         answers: list[tuple[Envelope[Any], object]] = []
         effects: list[Effect] = []
+        self._now = rfc3339(time.time())
+        multi = self._multi_write
         try:
             with conn:  # the outer transaction: one COMMIT for the whole batch
                 for env in live:
-                    handler = self._handlers.get(type(env.msg))
+                    kind = type(env.msg)
+                    handler = self._handlers.get(kind)
                     if handler is None:
                         answers.append((env, Failure(StorageError(f"unknown {env.msg!r}"))))
                         continue
                     try:
-                        with conn:  # this request's savepoint
+                        if kind in multi:
+                            with conn:  # this request's savepoint
+                                answer, more = handler(env.msg)
+                        else:
                             answer, more = handler(env.msg)
                     except AnonTicketError as exc:
                         answer, more = Failure(exc), ()
@@ -228,8 +250,9 @@ class Storage:
         # Committed: only now does anyone hear about it.
         self.metrics.batch_size.observe(len(live))
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        counters = self._counters
         for env, answer in answers:
-            self.metrics.storage_requests.labels(self._kinds[type(env.msg)]).inc()
+            counters[type(env.msg)].inc()
             if isinstance(answer, _Forward):
                 self.filter.forward(answer.msg, env)
             else:
@@ -255,24 +278,21 @@ class Storage:
 
     def _claim(self, msg: Claim) -> Handled:
         raw = msg.pid.raw
-        row = self._one("SELECT amount, token FROM tickets WHERE pid = ?", (raw,))
+        row = self._one(CLAIM_READ, (raw,))
         if row is None:
             raise NotFound(NOT_FOUND)
-        amount, token_raw = row
+        amount, token_raw, first_txid = row
         if token_raw is not None:
             token = ServiceToken(token_raw)
             return (Claimed(ClaimStatus.ALREADY_CLAIMED, token, amount),
                     (CacheClaim(msg.pid, token, amount),))
-        first = self._one(
-            "SELECT txid FROM transfers WHERE pid = ? AND vanished_at IS NULL "
-            "ORDER BY height, txid LIMIT 1", (raw,))
-        if first is None or amount <= 0:
+        if first_txid is None or amount <= 0:
             raise NotFound(NOT_FOUND)
-        token = derive(self.config.derivation, self.config.secret, msg.pid, first[0].hex())
-        # Claim and token are one statement in one transaction (I3).
-        self._one("UPDATE tickets SET token = ?, claimed_at = ? WHERE pid = ?",
-                  (token.raw, rfc3339(time.time()), raw))
-        event = self._event(EventKind.CLAIMED, msg.pid, token.raw, balance=amount)
+        token = derive(self.config.derivation, self.config.secret, msg.pid, first_txid.hex())
+        # Claim, token and the event's number are one statement (I3).
+        (seq,) = self._one(CLAIM_WRITE, (token.raw, self._now, raw))
+        event = TicketEvent(EventKind.CLAIMED, msg.pid, token, seq, self._epoch,
+                            (("balance", amount),))
         return Claimed(ClaimStatus.SUCCESS, token, amount), (
             CacheClaim(msg.pid, token, amount), Publish((event,)))
 
@@ -293,57 +313,51 @@ class Storage:
         if info.revoked:
             return info, ()  # the first reason and score stay
         score = info.abuse_score if msg.abuse_score is None else msg.abuse_score
-        self._one("UPDATE tickets SET revoked_at = ?, revoke_reason = ?, abuse_score = ? "
-                  "WHERE pid = ?", (rfc3339(time.time()), msg.reason, score, pid))
+        (seq,) = self._one(
+            "UPDATE tickets SET revoked_at = ?, revoke_reason = ?, abuse_score = ?, "
+            "seq = seq + 1 WHERE pid = ? RETURNING seq", (self._now, msg.reason, score, pid))
         log.info("token revoked", token=msg.token.redacted(), abuse_score=score)
-        event = self._event(EventKind.REVOKED, PaymentId(pid), msg.token.raw,
-                            abuse_score=score)
+        event = TicketEvent(EventKind.REVOKED, PaymentId(pid), msg.token, seq, self._epoch,
+                            (("abuse_score", score),))
         return self._token_info(msg.token)[1], (Invalidate((PaymentId(pid),)), Publish((event,)))
 
     def _record(self, msg: RecordTransfers) -> Handled:
-        now = rfc3339(time.time())
+        now = self._now
         new_pids: list[PaymentId] = []
         topped: list[PaymentId] = []
         events: list[TicketEvent] = []
         credited = 0
+        one = self._one
         for t in msg.transfers:
             raw = t.pid.raw
-            row = self._one("SELECT height, vanished_at FROM transfers WHERE txid = ? AND pid = ?",
-                            (t.txid, raw))
+            row = one("SELECT height, vanished_at FROM transfers WHERE txid = ? AND pid = ?",
+                      (t.txid, raw))
             if row is not None and row[1] is None:
                 if row[0] != t.height:  # re-mined at another height after a reorg
-                    self._one("UPDATE transfers SET height = ? WHERE txid = ? AND pid = ?",
-                              (t.height, t.txid, raw))
+                    one("UPDATE transfers SET height = ? WHERE txid = ? AND pid = ?",
+                        (t.height, t.txid, raw))
                 continue  # credited already (I1)
-            ticket = self._one("SELECT amount, token, revoked_at FROM tickets WHERE pid = ?",
-                               (raw,))
-            if ticket is None:
-                self._one("INSERT INTO tickets (pid, amount, created_at) VALUES (?, ?, ?)",
-                          (raw, t.amount, now))
-                new_pids.append(t.pid)
-            else:
-                self._one("UPDATE tickets SET amount = amount + ? WHERE pid = ?",
-                          (t.amount, raw))
-                if ticket[0] <= 0 and ticket[1] is None:
-                    new_pids.append(t.pid)
-                if ticket[1] is not None:
-                    topped.append(t.pid)
-                    log.info("token topped up", pid=t.pid.redacted(), amount=t.amount)
-                    if ticket[2] is not None:
-                        self.metrics.alerts.labels("revoked_topped_up").inc()
-                        log.warning("alert: revoked token topped up", pid=t.pid.redacted(),
-                                    amount=t.amount)
+            balance, token_raw, revoked_at, seq = one(CREDIT, (raw, t.amount, now))
             if row is None:
-                self._one("INSERT INTO transfers (txid, pid, amount, height, recorded_at) "
-                          "VALUES (?, ?, ?, ?, ?)", (t.txid, raw, t.amount, t.height, now))
-            else:
-                self._one("UPDATE transfers SET vanished_at = NULL, height = ?, amount = ? "
-                          "WHERE txid = ? AND pid = ?", (t.height, t.amount, t.txid, raw))
+                one("INSERT INTO transfers (txid, pid, amount, height, recorded_at) "
+                    "VALUES (?, ?, ?, ?, ?)", (t.txid, raw, t.amount, t.height, now))
+            else:  # vanished in a reorg, now back
+                one("UPDATE transfers SET vanished_at = NULL, height = ?, amount = ? "
+                    "WHERE txid = ? AND pid = ?", (t.height, t.amount, t.txid, raw))
             credited += 1
-            token_raw = ticket[1] if ticket is not None else None
-            balance = t.amount if ticket is None else ticket[0] + t.amount
+            if token_raw is not None:
+                topped.append(t.pid)
+                log.info("token topped up", pid=t.pid.redacted(), amount=t.amount)
+                if revoked_at is not None:
+                    self.metrics.alerts.labels("revoked_topped_up").inc()
+                    log.warning("alert: revoked token topped up", pid=t.pid.redacted(),
+                                amount=t.amount)
+            elif balance - t.amount <= 0:
+                new_pids.append(t.pid)  # new, or claimable again after a reorg took it all
             kind = EventKind.TOPPED_UP if token_raw else EventKind.PAYMENT_CONFIRMED
-            events.append(self._event(kind, t.pid, token_raw, amount=t.amount, balance=balance))
+            events.append(TicketEvent(kind, t.pid, ServiceToken(token_raw) if token_raw else None,
+                                      seq, self._epoch,
+                                      (("amount", t.amount), ("balance", balance))))
         for s in msg.skipped:
             self._one("INSERT OR IGNORE INTO skipped (txid, reason, amount, height, payment_id, "
                       "recorded_at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -379,7 +393,7 @@ class Storage:
             raise NotFound("no such surviving transfer")
         amount = row[0]
         self._one("UPDATE transfers SET vanished_at = ? WHERE txid = ? AND pid = ?",
-                  (rfc3339(time.time()), msg.txid, raw))
+                  (self._now, msg.txid, raw))
         self._one("UPDATE tickets SET amount = amount - ? WHERE pid = ?", (amount, raw))
         (token,) = self._one("SELECT token FROM tickets WHERE pid = ?", (raw,))
         claimed = token is not None

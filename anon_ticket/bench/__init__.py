@@ -20,7 +20,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_bench_parser", "run_bench"]
+__all__ = ["SECTIONS", "add_bench_parser", "run_bench"]
+
+SECTIONS = ("http", "websocket", "storage", "ingestion", "memory_startup")
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
@@ -31,6 +33,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", metavar="DIR",
                    help="also sample the server with py-spy (if installed) and summarise "
                         "where the time goes; raw stacks go to DIR")
+    p.add_argument("--only", metavar="SECTION[,SECTION]",
+                   help="run only these sections: " + ", ".join(SECTIONS))
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary work directory (databases, server logs)")
 
@@ -51,10 +55,16 @@ def run_bench(args: argparse.Namespace) -> int:
     if wrk.wrk_binary() is None:
         print("anon-ticket: bench needs wrk (Debian: apt-get install wrk)", file=sys.stderr)
         return 1
+    only = tuple(x for x in (getattr(args, "only", None) or "").split(",") if x)
+    unknown = [x for x in only if x not in SECTIONS]
+    if unknown:
+        print(f"anon-ticket: bench: no section {', '.join(unknown)} "
+              f"(sections: {', '.join(SECTIONS)})", file=sys.stderr)
+        return 2
     out = Path(args.out) if getattr(args, "out", None) else None
     profile = Path(args.profile) if getattr(args, "profile", None) else None
     result = runner.run("quick" if args.quick else "full", out, profile,
-                        keep=bool(getattr(args, "keep", False)))
+                        keep=bool(getattr(args, "keep", False)), only=only or SECTIONS)
     print(report.render(result))
     if out is not None:
         print(f"report written to {out}")

@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import apsw
 import trio
 
 from actors.filter import Filter, FilterConfig
 from actors.poller import CHUNK_TRANSFERS, chunks_at_block_boundaries
-from actors.storage import Storage, StorageConfig, open_connection
+from actors.storage import CLAIM_READ, CLAIM_WRITE, Storage, StorageConfig, open_connection
 from anon_ticket.domain.ids import PaymentId
 from anon_ticket.domain.messages import Claim, Claimed, ClaimStatus, Recorded, Transfer
 from anon_ticket.domain.timefmt import rfc3339
@@ -196,40 +195,28 @@ def storage_claims(db_path: Path, pids: list[bytes], *, concurrency: int,
     return trio.run(_storage_claims, db_path, pids, concurrency, batch_limit)
 
 
-def _has_column(conn: apsw.Connection, table: str, column: str) -> bool:
-    return any(r[1] == column for r in conn.execute(f"PRAGMA table_info({table})"))
-
-
 def raw_claims(db_path: Path, pids: list[bytes], *, per_tx: int) -> ClaimRun:
     """The storage actor's claim statements on a bare connection, `per_tx` a transaction.
 
-    Same connection settings (WAL, synchronous=NORMAL), same statements (look the ticket up,
-    find its first surviving transfer, derive the HMAC token, set token and claimed_at, and,
-    when the schema numbers events, bump the ticket's event number), no actor, no savepoints.
+    Same connection settings (WAL, synchronous=NORMAL), same statements (read the ticket with
+    its first surviving transfer, derive the HMAC token, write token, claimed_at and the event
+    number), no actor, no mailbox, no messages.
     """
     conn = open_connection(db_path)
     outcomes: dict[str, int] = {}
     try:
-        numbered = _has_column(conn, "tickets", "seq")
         cur = conn.cursor()
         started, cpu = time.perf_counter(), time.process_time()
         for i in range(0, len(pids), per_tx):
             with conn:
+                now = rfc3339(time.time())
                 for raw in pids[i:i + per_tx]:
-                    row = cur.execute("SELECT amount, token FROM tickets WHERE pid = ?",
-                                      (raw,)).fetchone()
-                    if row is None or row[1] is not None:
+                    row = cur.execute(CLAIM_READ, (raw,)).fetchone()
+                    if row is None or row[1] is not None or row[2] is None:
                         outcomes["not_claimable"] = outcomes.get("not_claimable", 0) + 1
                         continue
-                    first: Any = cur.execute(
-                        "SELECT txid FROM transfers WHERE pid = ? AND vanished_at IS NULL "
-                        "ORDER BY height, txid LIMIT 1", (raw,)).fetchone()
-                    token = derive(Derivation.HMAC, SECRET, PaymentId(raw), first[0].hex())
-                    cur.execute("UPDATE tickets SET token = ?, claimed_at = ? WHERE pid = ?",
-                                (token.raw, rfc3339(time.time()), raw)).fetchall()
-                    if numbered:
-                        cur.execute("UPDATE tickets SET seq = seq + 1 WHERE pid = ? "
-                                    "RETURNING seq", (raw,)).fetchall()
+                    token = derive(Derivation.HMAC, SECRET, PaymentId(raw), row[2].hex())
+                    cur.execute(CLAIM_WRITE, (token.raw, now, raw)).fetchall()
                     outcomes["success"] = outcomes.get("success", 0) + 1
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     finally:

@@ -610,7 +610,7 @@ class Bench:
 
     # --- the whole run ------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
+    def run(self, only: tuple[str, ...] | None = None) -> dict[str, Any]:
         started = time.perf_counter()
         self.report["meta"] = {
             "mode": self.plan.mode,
@@ -630,6 +630,9 @@ class Bench:
             ("memory_startup", self.memory),
         ]
         for name, section in sections:
+            if only is not None and name not in only:
+                self.report[name] = {"status": "not run (--only)"}
+                continue
             self.log(f"== {name}")
             try:
                 section()
@@ -654,12 +657,12 @@ class Bench:
 
 
 def run(mode: str, out: Path | None, profile_dir: Path | None, keep: bool = False,
-        log: Log | None = None) -> dict[str, Any]:
+        log: Log | None = None, only: tuple[str, ...] | None = None) -> dict[str, Any]:
     plan = QUICK if mode == "quick" else FULL
     say: Log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     work_root = Path(tempfile.mkdtemp(prefix="at-bench-"))
     try:
-        result = Bench(plan, work_root, say, profile_dir).run()
+        result = Bench(plan, work_root, say, profile_dir).run(only)
     finally:
         if not keep:
             import shutil
