@@ -2,8 +2,8 @@
 
 A mailbox is owned by the supervisor, so it outlives any one run of its actor: requests sent
 while the actor restarts wait for the next run (and their own deadline). A request carries its
-own reply channel and a deadline (I11); a requester that gives up closes its reply channel, and
-the actor's reply to it is dropped quietly.
+own one-shot reply slot and a deadline (I11); a requester that gives up (deadline or
+cancellation) abandons its slot, and the actor's reply to it is dropped quietly.
 """
 
 from __future__ import annotations
@@ -12,11 +12,23 @@ import math
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import outcome
 import trio
+from trio.lowlevel import (
+    Abort,
+    RunVar,
+    Task,
+    current_task,
+    reschedule,
+    spawn_system_task,
+    wait_task_rescheduled,
+)
 
 from anon_ticket.errors import AnonTicketError, Unavailable
 
 M = TypeVar("M")
+
+_WAITING, _ANSWERED, _GONE = 0, 1, 2
 
 
 @dataclass(slots=True)
@@ -27,22 +39,86 @@ class Failure:
 
 
 class Reply:
-    """A one-shot reply channel: cheaper than a memory channel per request (the redeem path
-    makes one or two requests), with the same rule: the first answer wins, and an answer to
-    a requester that gave up is dropped."""
+    """A one-shot reply slot: the parked requester is woken with the answer.
 
-    __slots__ = ("abandoned", "done", "value")
+    The first answer wins; an answer to a requester that gave up (deadline passed, or
+    cancelled) is dropped. Cheaper than a memory channel and a cancel scope per request: the
+    redeem path makes one or two requests, and each of those costs a park and a wake only.
+    """
 
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.value: object = None
-        self.abandoned = False
+    __slots__ = ("deadline", "mailbox", "state", "task")
+
+    def __init__(self, task: Task, deadline: float, mailbox: str) -> None:
+        self.task = task
+        self.deadline = deadline
+        self.mailbox = mailbox
+        self.state = _WAITING
 
     def put(self, value: object) -> None:
-        if self.abandoned or self.done.is_set():
-            return
-        self.value = value
-        self.done.set()
+        if self.state == _WAITING:
+            self.state = _ANSWERED
+            reschedule(self.task, outcome.Value(value))
+
+    def expire(self) -> None:
+        if self.state == _WAITING:
+            self.state = _GONE
+            reschedule(self.task, outcome.Error(
+                Unavailable(f"{self.mailbox} did not answer in time", retry_after=1)))
+
+    def abort(self, _raise_cancel: object) -> Abort:
+        self.state = _GONE  # cancelled from outside: a late answer is dropped
+        return Abort.SUCCEEDED
+
+
+class _Deadlines:
+    """Enforces every waiting request's deadline (I11) from one task per trio run.
+
+    It holds only requests still waiting (a handful to a few hundred), sleeps until the
+    earliest deadline among them and wakes whoever is past theirs. In steady state it wakes
+    once per timeout period, not once per request.
+    """
+
+    def __init__(self) -> None:
+        self.waiting: dict[Reply, None] = {}
+        self._next = math.inf
+        self._wake = trio.Event()
+
+    def add(self, slot: Reply) -> None:
+        self.waiting[slot] = None
+        if slot.deadline < self._next:
+            self._next = slot.deadline
+            self._wake.set()
+
+    def discard(self, slot: Reply) -> None:
+        self.waiting.pop(slot, None)
+
+    async def run(self) -> None:
+        while True:
+            now = trio.current_time()
+            earliest = math.inf
+            for slot in list(self.waiting):
+                if slot.deadline <= now:
+                    del self.waiting[slot]
+                    slot.expire()
+                elif slot.deadline < earliest:
+                    earliest = slot.deadline
+            self._next = earliest
+            self._wake = trio.Event()
+            with trio.move_on_at(earliest):
+                await self._wake.wait()
+
+
+_DEADLINES: RunVar[_Deadlines] = RunVar("mailbox_deadlines")
+
+
+def _deadlines() -> _Deadlines:
+    try:
+        return _DEADLINES.get()
+    except LookupError:
+        keeper = _Deadlines()
+        _DEADLINES.set(keeper)
+        spawn_system_task(keeper.run, name="mailbox deadlines")
+        return keeper
 
 
 @dataclass(slots=True)
@@ -90,17 +166,23 @@ class Mailbox(Generic[M]):
         if not self.serving:
             raise self._unavailable()
         deadline = trio.current_time() + timeout
-        slot = Reply()
-        with trio.move_on_at(deadline):
-            try:
-                self._send.send_nowait(Envelope(msg, slot, deadline))
-            except trio.WouldBlock:
-                await self._send.send(Envelope(msg, slot, deadline))
-            await slot.done.wait()
-        if not slot.done.is_set():
-            slot.abandoned = True  # a late answer is dropped
-            raise Unavailable(f"{self.name} did not answer in time", retry_after=1)
-        answer = slot.value
+        slot = Reply(current_task(), deadline, self.name)
+        envelope = Envelope(msg, slot, deadline)
+        try:
+            self._send.send_nowait(envelope)
+        except trio.WouldBlock:  # a full mailbox: wait for room, within the same deadline
+            with trio.move_on_at(deadline):
+                await self._send.send(envelope)
+            if slot.state == _WAITING and trio.current_time() >= deadline:
+                slot.state = _GONE
+                raise Unavailable(f"{self.name} did not answer in time",
+                                  retry_after=1) from None
+        keeper = _deadlines()
+        keeper.add(slot)
+        try:
+            answer = await wait_task_rescheduled(slot.abort)
+        finally:
+            keeper.discard(slot)
         if isinstance(answer, Failure):
             raise answer.error
         return answer

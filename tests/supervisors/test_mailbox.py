@@ -1,0 +1,96 @@
+"""Mailbox requests: answers, deadlines (I11) and requesters that give up."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from anon_ticket.errors import NotFound, Unavailable
+from supervisors.mailbox import Envelope, Failure, Mailbox, _deadlines
+
+
+def serving(name: str, capacity: int = 16) -> Mailbox[str]:
+    mb: Mailbox[str] = Mailbox(name, capacity)
+    mb.serving = True
+    return mb
+
+
+async def test_answers_and_failures_reach_the_requester() -> None:
+    mb = serving("echo")
+
+    async def actor() -> None:
+        async for env in mb.inbox:
+            if env.msg == "missing":
+                env.fail(NotFound("no such thing"))
+            else:
+                env.reply(env.msg.upper())
+
+    async with trio.open_nursery() as n:
+        n.start_soon(actor)
+        assert await mb.ask("hi", 5) == "HI"
+        with pytest.raises(NotFound, match="no such thing"):
+            await mb.ask("missing", 5)
+        n.cancel_scope.cancel()
+    assert not _deadlines().waiting  # answered requests are not tracked any more
+
+
+async def test_an_earlier_deadline_is_kept_while_a_later_one_waits() -> None:
+    mb = serving("silent")
+    results: dict[str, tuple[Exception, float]] = {}
+
+    async def ask(name: str, timeout: float) -> None:
+        try:
+            await mb.ask(name, timeout)
+        except Unavailable as exc:
+            results[name] = (exc, trio.current_time())
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            n.start_soon(ask, "slow", 60)
+            await trio.sleep(0.01)
+            started = trio.current_time()
+            await ask("fast", 0.1)  # the keeper sleeps for 60 s: it must wake earlier
+            n.cancel_scope.cancel()
+    error, at = results["fast"]
+    assert "did not answer in time" in str(error)
+    assert 0.1 <= at - started < 1.0
+    assert "slow" not in results  # cancelled, never answered
+
+
+async def test_a_late_answer_and_an_answer_to_a_cancelled_requester_are_dropped() -> None:
+    mb = serving("late")
+    with pytest.raises(Unavailable, match="did not answer in time"):
+        await mb.ask("expired", 0.02)
+    late: Envelope[str] = mb.inbox.receive_nowait()
+    late.reply("too late")  # nobody waits: no error, nobody woken
+
+    with trio.move_on_after(0.02):
+        await mb.ask("cancelled", 60)
+    gone: Envelope[str] = mb.inbox.receive_nowait()
+    gone.reply("nobody listens")
+    gone.fail(NotFound("either"))
+    assert not _deadlines().waiting
+
+
+async def test_the_first_answer_wins() -> None:
+    mb = serving("twice")
+
+    async def actor() -> None:
+        env = await mb.inbox.receive()
+        slot = env.reply_to
+        env.reply("first")
+        assert slot is not None
+        slot.put("second")  # a second answer through the same slot changes nothing
+        slot.put(Failure(NotFound("third")))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(actor)
+        assert await mb.ask("q", 5) == "first"
+
+
+async def test_a_full_mailbox_waits_for_room_within_the_deadline() -> None:
+    mb = serving("full", capacity=1)
+    mb.tell("occupies the only place")
+    with trio.fail_after(2), pytest.raises(Unavailable, match="did not answer in time"):
+        await mb.ask("no room", 0.05)
+    assert mb.depth == 1
