@@ -195,8 +195,15 @@ class Mailbox(Generic[M]):
             raise self._unavailable() from None
 
     async def tell_wait(self, msg: M) -> None:
-        """Send without an answer, waiting for room: for messages that must not be lost."""
-        await self._send.send(Envelope(msg, None, math.inf))
+        """Send without an answer, waiting for room: for messages that must not be lost.
+
+        Waits (and yields to the scheduler) only when the mailbox is full: an actor that
+        hands on several messages a batch should not pay a scheduler round for each."""
+        envelope = Envelope(msg, None, math.inf)
+        try:
+            self._send.send_nowait(envelope)
+        except trio.WouldBlock:
+            await self._send.send(envelope)
 
     def forward(self, msg: M, envelope: Envelope[Any]) -> None:
         """Pass `msg` on with `envelope`'s reply channel and deadline: the next actor answers."""
