@@ -110,7 +110,8 @@ def test_report_targets_table_and_json(tmp_path: Path) -> None:
         "storage": {"group_commit_to_raw_batched": 0.8, "group_commit_to_one_per_tx": 3.0},
         "ingestion": {"transfers_per_s": 15_000.0, "transfers": 100},
         "memory_startup": {"rss_mb": 80.0, "ready_s": 4.0, "recorded_pids": 1_000_000},
-        "websocket": {"status": "not measured yet"},
+        "websocket": {"idle_subscribers": 1000, "ratio_idle_to_none": 0.95,
+                      "fanout": {"from_send": {"p50": 4.0, "p99": 61.0}}},
     })
     verdict = {t["id"]: t["pass"] for t in rep["targets"]}
     assert verdict["throughput.new_claims"] is True  # 0.875
@@ -120,21 +121,26 @@ def test_report_targets_table_and_json(tmp_path: Path) -> None:
     assert verdict["storage.vs_raw_batched"] is True
     assert verdict["ingestion.rate"] is False
     assert verdict["startup.rss"] is True and verdict["startup.ready"] is True
-    assert rep["summary"]["failed_ids"] == ["throughput.bloom_negative", "ingestion.rate"]
+    assert verdict["websocket.idle_cost"] is True
+    assert verdict["websocket.fanout_p99"] is False  # 61 ms > 50
+    assert rep["summary"]["failed_ids"] == ["throughput.bloom_negative", "ingestion.rate",
+                                            "websocket.fanout_p99"]
     text = report.render(rep)
     assert "redeem: new claim (fresh PID)" in text
     assert "FAIL  throughput.bloom_negative" in text
-    assert "websocket: not measured yet" in text
+    assert "FAIL  websocket.fanout_p99" in text
     out = tmp_path / "r" / "report.json"
     report.write_json(rep, out)
-    assert json.loads(out.read_text())["summary"]["failed"] == 2
+    assert json.loads(out.read_text())["summary"]["failed"] == 3
 
 
 def test_missing_sections_are_not_measured() -> None:
-    rep = report.finish({"websocket": {"status": "not measured yet"}})
+    rep = report.finish({"websocket": {"status": "not run (--only)"},
+                         "storage": {"error": "RuntimeError: boom"}})
     assert all(t["pass"] is None for t in rep["targets"])
     assert rep["summary"]["not_measured"] == len(rep["targets"])
-    report.render(rep)  # no KeyError on an empty report
+    text = report.render(rep)  # no KeyError on an empty report
+    assert "websocket: not run (--only)" in text and "storage: RuntimeError: boom" in text
 
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
@@ -217,3 +223,28 @@ def test_quick_bench_end_to_end(tmp_path: Path) -> None:
     assert rep["websocket"]["status"] == "not measured yet"
     assert rep["meta"]["duration_s"] < 60
     assert "targets" in done.stdout
+
+
+def test_websocket_load_holds_idle_subscribers_and_times_the_claimed_event(
+        tmp_path: Path) -> None:
+    """The websocket section's load process against the real server: idle watchers stay
+    connected and get nothing; each fan-out claim's `claimed` event arrives and is timed."""
+    legacy = data.write_legacy(tmp_path / "legacy.db", data.pids("w-fresh", 30), [])
+    data.import_legacy_cli(tmp_path / "d", legacy.path, 30)
+    server = procs.start_server(tmp_path / "d", cpus=None, log_path=tmp_path / "server.log",
+                                bloom_entries=1000)
+    try:
+        fan = tmp_path / "fan.txt"
+        fan.write_text("".join(f"{b.hex()}\n" for b in legacy.unclaimed[:5]))
+        load = procs.start_watchload(server.url, 40, fan, cpus=None)
+        assert load.ready["idle"] == 40
+        result = load.command("fanout", "fanout", timeout=60)
+        end = load.quit()
+    finally:
+        server.stop()
+    assert result["claims"] == result["events"] == 5
+    assert result["statuses"] == {"200:success": 5}
+    sent, answered = result["from_send_ms"], result["from_response_ms"]
+    assert 0 < sent["p50"] <= sent["p99"] <= sent["max"] < 5000
+    assert answered["p99"] <= sent["p99"]  # the response comes after the request was sent
+    assert end == {"idle_closed_by_server": 0, "messages_to_idle": 0}

@@ -8,7 +8,9 @@ works, as it does during a wallet outage.
 
 from __future__ import annotations
 
+import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
 
@@ -179,6 +181,63 @@ def start_ceiling(kind: str, *, cpus: set[int] | None, log_path: Path) -> Child:
         child.stop()
         raise
     return child
+
+
+class WatchLoad:
+    """The websocket load process (`anon_ticket.bench.watchload`), driven by stdin lines."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], ready_timeout: float) -> None:
+        self.proc = proc
+        self.ready = self._line("ready", ready_timeout)
+
+    def _line(self, key: str, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+                raise TimeoutError(f"websocket load: no {key!r} within {timeout} s")
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"websocket load exited (status {self.proc.wait()}) "
+                                   f"before {key!r}")
+            obj: dict[str, Any] = json.loads(line)
+            if key in obj:
+                return obj
+
+    def command(self, command: str, key: str, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{command}\n".encode())
+        self.proc.stdin.flush()
+        result: dict[str, Any] = self._line(key, timeout)[key]
+        return result
+
+    def quit(self, timeout: float = 30.0) -> dict[str, Any]:
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(b"quit\n")
+            self.proc.stdin.close()
+            return self._line("idle_closed_by_server", timeout)
+        finally:
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_watchload(url: str, idle: int, fanout: Path, *, cpus: set[int] | None,
+                    ready_timeout: float = 120.0) -> WatchLoad:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "anon_ticket.bench.watchload", url, "--idle", str(idle),
+         "--fanout", str(fanout)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=_pin(cpus))
+    try:
+        return WatchLoad(proc, ready_timeout)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
 
 
 # --- the server's metrics (internal socket) ---------------------------------------------------

@@ -84,6 +84,16 @@ def evaluate_targets(report: dict[str, Any]) -> list[Target]:
         "ingestion.rate", "ingestion through record-transfers, transfers per CPU second",
         ingest.get("transfers_per_s"), ">=", 20_000, "transfers/s",
         note=f"over {ingest.get('transfers', '?')} transfers"))
+    ws = report.get("websocket", {})
+    idle = ws.get("idle_subscribers", 1000)
+    targets.append(Target(
+        "websocket.idle_cost", f"redeem (new claims) req/s with {idle} idle websocket "
+        "subscribers / without", ws.get("ratio_idle_to_none"), ">=", 0.9, "x"))
+    fan = (ws.get("fanout") or {}).get("from_send") or {}
+    targets.append(Target(
+        "websocket.fanout_p99", f"redeem sent -> `claimed` event received, p99, with {idle} "
+        "idle subscribers", fan.get("p99"), "<=", 50.0, "ms",
+        note="an upper bound of commit -> event received"))
     mem = report.get("memory_startup", {})
     pids = mem.get("recorded_pids")
     targets.append(Target(
@@ -136,6 +146,12 @@ def _table(headers: list[str], rows: list[list[str]], align: str) -> list[str]:
     return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
 
 
+def _measured(report: dict[str, Any], name: str) -> dict[str, Any]:
+    """A section's figures, or {} when it was not run or failed (said once at the end)."""
+    section: dict[str, Any] = report.get(name, {})
+    return {} if "status" in section or "error" in section else section
+
+
 def render(report: dict[str, Any]) -> str:
     out: list[str] = []
     meta = report.get("meta", {})
@@ -147,7 +163,7 @@ def render(report: dict[str, Any]) -> str:
     out.append(f"load average at start {meta.get('loadavg_at_start')}, at end "
                f"{meta.get('loadavg_at_end')} (above the core count: other work shared the "
                "machine)")
-    http = report.get("http", {})
+    http = _measured(report, "http")
     if http:
         out.append("")
         out.append(f"HTTP over loopback ({http.get('duration_note', '')}; median of "
@@ -186,7 +202,7 @@ def render(report: dict[str, Any]) -> str:
                                   _fmt(dist.get("mean_batch"), ".2f"), buckets])
             out.extend(_table(["scenario", "conns", "batches", "mean", "distribution"],
                               brows, "lrrrl"))
-    storage = report.get("storage", {})
+    storage = _measured(report, "storage")
     if storage:
         out.append("")
         out.append(f"storage actor alone ({storage.get('claims')} claims, "
@@ -207,7 +223,7 @@ def render(report: dict[str, Any]) -> str:
                           _fmt(gcv.get("max_pause_ms"), ".1f")])
         out.extend(_table(["variant", "claims/cpu-s", "claims/wall-s", "cpu us/claim",
                            "mean batch", "in gc", "max gc ms"], srows, "lrrrrrr"))
-    ingest = report.get("ingestion", {})
+    ingest = _measured(report, "ingestion")
     if ingest:
         out.append("")
         out.append(f"ingestion: {_fmt(ingest.get('transfers_per_s'), '.0f')} transfers per "
@@ -219,7 +235,7 @@ def render(report: dict[str, Any]) -> str:
         if gcv:
             out.append(f"  cyclic GC: {_fmt(gcv.get('share_of_run'), '.1%')} of the run, "
                        f"longest pause {_fmt(gcv.get('max_pause_ms'), '.1f')} ms")
-    mem = report.get("memory_startup", {})
+    mem = _measured(report, "memory_startup")
     if mem:
         out.append("")
         out.append(f"memory and start-up: {mem.get('recorded_pids')} recorded PIDs "
@@ -233,9 +249,32 @@ def render(report: dict[str, Any]) -> str:
             out.append(f"  loading took {_fmt(mem.get('load_seconds'), '.1f')} s "
                        f"({_fmt(mem.get('load_rows_per_s'), '.0f')} rows/s)")
     ws = report.get("websocket", {})
-    if ws:
+    if ws.get("new_claims_no_subscribers"):
         out.append("")
-        out.append(f"websocket: {ws.get('status')}")
+        out.append(f"websocket: new claims at {ws['connections']} connections, "
+                   f"{ws['runs_each']} runs each")
+        wrows = []
+        for label, key in (("no subscribers", "new_claims_no_subscribers"),
+                           (f"{ws['idle_subscribers']} idle subscribers",
+                            "new_claims_idle_subscribers")):
+            c = ws[key]
+            wrows.append([label, _fmt(c.get("rps"), ".0f"), _fmt(c.get("p50_ms"), ".2f"),
+                          _fmt(c.get("p99_ms"), ".2f"), _fmt(c.get("server_cpu_us_per_req"),
+                                                             ".0f")])
+        out.extend(_table(["", "req/s", "p50 ms", "p99 ms", "cpu us/req"], wrows, "lrrrr"))
+        fan = ws.get("fanout") or {}
+        if fan:
+            f, r = fan.get("from_send", {}), fan.get("from_response_ms", {})
+            out.append(f"  fan-out, {fan.get('events')}/{fan.get('claims')} events: redeem sent "
+                       f"-> event p50 {_fmt(f.get('p50'))} ms, p99 {_fmt(f.get('p99'))} ms; "
+                       f"response -> event p50 {_fmt(r.get('p50'))} ms, p99 "
+                       f"{_fmt(r.get('p99'))} ms")
+    skipped = [f"{name}: {report[name].get('status') or report[name].get('error')}"
+               for name in ("http", "websocket", "storage", "ingestion", "memory_startup")
+               if name in report and not _measured(report, name)]
+    if skipped:
+        out.append("")
+        out.extend(skipped)
     prof = report.get("profile", {})
     pruns = {k: v for k, v in prof.get("runs", {}).items() if "self_by_layer_pct" in v}
     if pruns:

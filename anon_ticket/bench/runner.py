@@ -44,17 +44,20 @@ class Plan:
     tokens: int = 5000
     profile_s: int = 6
     retries: int = 2
+    ws_idle: int = 1000  # idle websocket subscribers
+    ws_reps: int = 2  # runs without and with them, alternating
+    ws_fanout: int = 200  # claims timed from redeem to the `claimed` event
 
 
 QUICK = Plan("quick", levels=(1, 64), seconds={1: 1, 64: 2}, reps=1, unclaimed=20_000,
              claimed=5_000, warmup_s=1, storage_claims=5_000, storage_concurrency=256,
              storage_reps=1, ingest_transfers=20_000, big_pids=1_000_000,
              big_via_import=False, startup_runs=1, negatives=2000, tokens=2000, profile_s=4,
-             retries=1)
+             retries=1, ws_fanout=100)
 FULL = Plan("full", levels=(1, 16, 64, 256), seconds={1: 5, 16: 5, 64: 5, 256: 5}, reps=3,
             unclaimed=200_000, claimed=40_000, warmup_s=2, storage_claims=50_000,
             storage_concurrency=256, storage_reps=3, ingest_transfers=100_000,
-            big_pids=1_000_000, big_via_import=True, startup_runs=3, profile_s=8)
+            big_pids=1_000_000, big_via_import=True, startup_runs=3, profile_s=8, ws_reps=3)
 
 INVALID_BODIES = ('{"pid":"zzzzzzzzzzzzzzzz"}', '{"pid":"0123"}', '{"pid":"0000000000000000"}',
                   '{"pid":"0123456789abcdef0"}', '{"pid":"0123456789abcdeg"}')
@@ -200,6 +203,7 @@ class Bench:
                  "claimed payments")
         legacy = data.write_legacy(self.work / "legacy.db", data.pids("fresh", p.unclaimed),
                                    data.pids("claimed", p.claimed))
+        self.fresh = list(legacy.unclaimed)
         data_dir = self.work / "http"
         imported = data.import_legacy_cli(data_dir, legacy.path, p.unclaimed + p.claimed,
                                           cpus=self.pinning.server)
@@ -261,7 +265,6 @@ class Bench:
                             (hop, "/echo")):
             self._drive(child, "POST", path, negatives, 16, p.warmup_s)
 
-        self.fresh = list(legacy.unclaimed)
         uncached = list(legacy.claimed[p.tokens:]) or list(legacy.claimed)
         rate_guess: dict[int, float] = {}
         cells: dict[str, dict[int, Cell]] = {k: {} for k in report.SCENARIOS}
@@ -454,6 +457,79 @@ class Bench:
             "note": "self_by_layer_us = the layer's share of the busy samples x the scenario's "
                     "CPU per request measured without the profiler"}
 
+    # --- websocket ---------------------------------------------------------------------------
+
+    def websocket(self, data_dir: Path) -> None:
+        """New-claim throughput at the target level without and with idle subscribers
+        (alternating runs, same server), then claim → `claimed` event latency with the idle
+        subscribers still connected."""
+        p = self.plan
+        level, seconds = report.TARGET_LEVEL, p.seconds[report.TARGET_LEVEL]
+        server = procs.start_server(data_dir, cpus=self.pinning.server,
+                                    log_path=self.work / "server-ws.log")
+        cells = {"none": Cell(), "idle": Cell()}
+        loads: list[dict[str, Any]] = []
+        fanout: dict[str, Any] | None = None
+        guess = 3000.0
+        try:
+            warm = self._file([_body(b) for b in data.pids("unknown", 2000)])
+            self._drive(server, "POST", REDEEM, warm, 16, p.warmup_s)
+            for rep in range(p.ws_reps):
+                # none, idle, idle, none, ...: a drift over the run (the database and the
+                # heap grow with every claim) falls on both sides alike
+                for mode in (("none", "idle") if rep % 2 == 0 else ("idle", "none")):
+                    watch = None
+                    if mode == "idle":
+                        fan = self._take_fresh(p.ws_fanout) if fanout is None else []
+                        fan_file = self.work / f"fanout-{rep}.txt"
+                        fan_file.write_text("".join(f"{b.hex()}\n" for b in fan))
+                        watch = procs.start_watchload(server.url, p.ws_idle, fan_file,
+                                                      cpus=self.pinning.generator)
+                        loads.append(watch.ready)
+                    try:
+                        take = self._take_fresh(int(guess * seconds * 1.5) + level + 100)
+                        lines = self._file([_body(b) for b in take])
+                        result, cpu = self._drive(server, "POST", REDEEM, lines, level, seconds)
+                        guess = max(guess, result.rps)
+                        cells[mode].runs.append(result)
+                        cells[mode].server_cpu.append(cpu)
+                        self.log(f"  new claims c={level}, {p.ws_idle if watch else 0:>4} idle "
+                                 f"subscribers: {result.rps:7.0f} req/s  p50 "
+                                 f"{result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  "
+                                 f"server cpu {cpu / result.duration_s:.0%}")
+                        if watch is not None and fanout is None:
+                            fanout = watch.command("fanout", "fanout", timeout=120)
+                            f = fanout["from_send"] = fanout.pop("from_send_ms")
+                            self.log(f"  fan-out ({fanout['events']}/{fanout['claims']} events)"
+                                     f": redeem sent -> claimed event p50 {f['p50']} ms, "
+                                     f"p99 {f['p99']} ms")
+                    finally:
+                        if watch is not None:
+                            loads[-1].update(watch.quit())
+        finally:
+            server.stop()
+        none = cells["none"].summary(EXPECTED["new_claims"])
+        idle = cells["idle"].summary(EXPECTED["new_claims"])
+        out: dict[str, Any] = {
+            "idle_subscribers": p.ws_idle, "connections": level, "seconds_per_run": seconds,
+            "runs_each": p.ws_reps, "new_claims_no_subscribers": none,
+            "new_claims_idle_subscribers": idle,
+            "ratio_idle_to_none": round(idle["rps"] / none["rps"], 3) if none["rps"] else None,
+            "subscriber_processes": loads, "fanout": fanout,
+            "note": ("wrk runs of fresh-PID redeems on one server, without and with the idle "
+                     "subscribers, in the order none, idle, idle, none, ... (each subscriber "
+                     "watches a payment id never paid: registered, pinged, no events); "
+                     "fan-out: after the first loaded run, with the idle subscribers still "
+                     "connected, each of `claims` recorded payment ids watched by its own "
+                     "websocket and redeemed one after the other; from_send = redeem request "
+                     "sent -> `claimed` event received (an upper bound of "
+                     "commit -> event), from_response_ms = redeem response received -> event"),
+        }
+        nc, ic = none.get("server_cpu_us_per_req"), idle.get("server_cpu_us_per_req")
+        if nc and ic:
+            out["cpu_ratio_idle_to_none"] = round(nc / ic, 3)
+        self.report["websocket"] = out
+
     # --- in-process ------------------------------------------------------------------------
 
     def storage(self, legacy: data.LegacySet, base: Path) -> None:
@@ -625,6 +701,7 @@ class Bench:
         legacy, data_dir, base = self.prepare()
         sections = [
             ("http", lambda: self.http(legacy, data_dir)),
+            ("websocket", lambda: self.websocket(data_dir)),
             ("storage", lambda: self.storage(legacy, base)),
             ("ingestion", lambda: self.ingestion(base)),
             ("memory_startup", self.memory),
@@ -639,16 +716,6 @@ class Bench:
             except Exception as exc:  # one broken section must not lose the others
                 self.log(f"  {name} failed: {type(exc).__name__}: {exc}")
                 self.report[name] = {"error": f"{type(exc).__name__}: {exc}"}
-        self.report["websocket"] = {
-            "status": "not measured yet",
-            "reason": "the websocket endpoint (/api/v1/watch) is being written; this section "
-                      "will hold redeem throughput with 1,000 idle subscribers vs none, and "
-                      "fan-out latency (claim committed -> event received) p50/p99",
-            "redeem_rps_1000_idle_subscribers": None,
-            "redeem_rps_no_subscribers": None,
-            "fanout_latency_p50_ms": None,
-            "fanout_latency_p99_ms": None,
-        }
         if "profile" not in self.report:
             self.report["profile"] = {"status": "not run (pass --profile DIR)"}
         self.report["meta"]["duration_s"] = round(time.perf_counter() - started, 1)
