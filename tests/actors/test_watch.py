@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -287,7 +288,8 @@ async def test_a_watcher_that_stops_reading_is_closed_and_slows_nothing(
 
             async with trio.open_nursery() as reader:
                 reader.start_soon(drain_healthy)
-                # alternating runs, best of each side: the machine is shared and noisy
+                # alternating runs, the median of each side: this machine's speed moves by
+                # a third between back-to-back runs (CPU time too), one outlier a side is ok
                 plain: list[tuple[float, float]] = []
                 stuck = []
                 for _ in range(3):
@@ -301,9 +303,11 @@ async def test_a_watcher_that_stops_reading_is_closed_and_slows_nothing(
                 assert closed_after is not None and closed_after < 20
             # ...and it slowed nobody down: throughput on a core of its own (per CPU second)
             # at least 0.9 of the runs without it, and no stall (wall rate, coarsely)
-            cpu_rate, cpu_base = max(r[1] for r, _, _ in stuck), max(r[1] for r in plain)
+            cpu_rate = statistics.median(r[1] for r, _, _ in stuck)
+            cpu_base = statistics.median(r[1] for r in plain)
             assert cpu_rate >= 0.9 * cpu_base, (stuck, plain)
-            assert max(r[0] for r, _, _ in stuck) >= 0.5 * max(r[0] for r in plain)
+            assert (statistics.median(r[0] for r, _, _ in stuck)
+                    >= 0.5 * statistics.median(r[0] for r in plain))
             await send(healthy, op="ping")  # the healthy watcher is still connected
             with trio.fail_after(10):
                 while (await recv(healthy))["type"] != "pong":
