@@ -1,9 +1,10 @@
 """The storage actor: the only writer of the database (APSW, WAL, synchronous=NORMAL).
 
 Group commit: the actor drains what waits in its mailbox (up to `batch_limit`), drops requests
-whose deadline has passed, runs the batch in one transaction with each request in its own
-savepoint (one failing request does not sink the others), commits once, and only then replies
-and tells the filter what changed. If the outer transaction is lost (a failed COMMIT, or SQLite
+whose deadline has passed, runs the batch in one transaction, each request that writes more
+than one statement in its own savepoint (a single statement is atomic by itself; either way one
+failing request does not sink the others), commits once, and only then replies and tells the
+filter what changed. If the outer transaction is lost (a failed COMMIT, or SQLite
 rolling it back on FULL/IOERR/NOMEM), every request of the batch gets a retryable error and
 nothing is replied as done.
 
