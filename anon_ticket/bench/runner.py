@@ -528,7 +528,8 @@ class Bench:
                      "connected, each of `claims` recorded payment ids watched by its own "
                      "websocket and redeemed one after the other; from_send = redeem request "
                      "sent -> `claimed` event received (an upper bound of "
-                     "commit -> event), from_response_ms = redeem response received -> event"),
+                     "commit -> event), from_response_ms = redeem response received -> event "
+                     "(negative when the event came first: both leave after the COMMIT)"),
         }
         nc, ic = none.get("server_cpu_us_per_req"), idle.get("server_cpu_us_per_req")
         if nc and ic:
