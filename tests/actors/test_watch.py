@@ -7,7 +7,7 @@ import os
 import statistics
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -258,13 +258,25 @@ async def test_a_watcher_that_stops_reading_is_closed_and_slows_nothing(
                 await top_up(srv, busy, 10)
                 await trio.sleep(0.05)
 
+        async def drain(ws: WebSocketConnection, stop: trio.Event) -> None:
+            while not stop.is_set():
+                with trio.move_on_after(0.2):
+                    await ws.get_message()
+
         async def rate_while_pumping(stuck: bool
                                      ) -> tuple[tuple[float, float], float | None, int | None]:
             stop = trio.Event()
             dropped = (await srv.tree.mailboxes.hub.ask(HubStats(), 5))["slow_watchers_dropped"]
             stuck_watcher = await StuckWatcher.open(srv, busy) if stuck else None
             started = trio.current_time()
-            async with trio.open_nursery() as nursery:
+            async with AsyncExitStack() as stack:
+                twin = None
+                if not stuck:  # like with like: a second watcher that keeps reading
+                    twin = await stack.enter_async_context(watcher(srv))
+                    await send(twin, op="subscribe", pid=busy.hex())
+                nursery = await stack.enter_async_context(trio.open_nursery())
+                if twin is not None:
+                    nursery.start_soon(drain, twin, stop)
                 nursery.start_soon(pump, stop)
                 rate = await redeem_rate(srv, claimed)
                 closed_after = None
