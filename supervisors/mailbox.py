@@ -28,7 +28,12 @@ from anon_ticket.errors import AnonTicketError, Unavailable
 
 M = TypeVar("M")
 
-_WAITING, _ANSWERED, _GONE = 0, 1, 2
+# A reply slot's life: sent (the requester has not parked yet), parked, answered, or given up.
+_SENT, _PARKED, _ANSWERED, _GONE = 0, 1, 2, 3
+
+
+def _timed_out(mailbox: str) -> Unavailable:
+    return Unavailable(f"{mailbox} did not answer in time", retry_after=1)
 
 
 @dataclass(slots=True)
@@ -42,28 +47,32 @@ class Reply:
     """A one-shot reply slot: the parked requester is woken with the answer.
 
     The first answer wins; an answer to a requester that gave up (deadline passed, or
-    cancelled) is dropped. Cheaper than a memory channel and a cancel scope per request: the
-    redeem path makes one or two requests, and each of those costs a park and a wake only.
+    cancelled) is dropped. An answer that comes before the requester has parked (it waited
+    for room in a full mailbox, and the actor was quicker) is kept for it. Cheaper than a
+    memory channel and a cancel scope per request: each request costs a park and a wake.
     """
 
-    __slots__ = ("deadline", "mailbox", "state", "task")
+    __slots__ = ("deadline", "mailbox", "state", "task", "value")
 
     def __init__(self, task: Task, deadline: float, mailbox: str) -> None:
         self.task = task
         self.deadline = deadline
         self.mailbox = mailbox
-        self.state = _WAITING
+        self.state = _SENT
+        self.value: object = None
 
     def put(self, value: object) -> None:
-        if self.state == _WAITING:
+        if self.state == _PARKED:
             self.state = _ANSWERED
             reschedule(self.task, outcome.Value(value))
+        elif self.state == _SENT:
+            self.state = _ANSWERED
+            self.value = value
 
     def expire(self) -> None:
-        if self.state == _WAITING:
+        if self.state == _PARKED:
             self.state = _GONE
-            reschedule(self.task, outcome.Error(
-                Unavailable(f"{self.mailbox} did not answer in time", retry_after=1)))
+            reschedule(self.task, outcome.Error(_timed_out(self.mailbox)))
 
     def abort(self, _raise_cancel: object) -> Abort:
         self.state = _GONE  # cancelled from outside: a late answer is dropped
@@ -79,18 +88,18 @@ class _Deadlines:
     """
 
     def __init__(self) -> None:
-        self.waiting: dict[Reply, None] = {}
+        self.waiting: set[Reply] = set()
         self._next = math.inf
         self._wake = trio.Event()
 
     def add(self, slot: Reply) -> None:
-        self.waiting[slot] = None
+        self.waiting.add(slot)
         if slot.deadline < self._next:
             self._next = slot.deadline
             self._wake.set()
 
     def discard(self, slot: Reply) -> None:
-        self.waiting.pop(slot, None)
+        self.waiting.discard(slot)
 
     async def run(self) -> None:
         while True:
@@ -98,7 +107,7 @@ class _Deadlines:
             earliest = math.inf
             for slot in list(self.waiting):
                 if slot.deadline <= now:
-                    del self.waiting[slot]
+                    self.waiting.discard(slot)
                     slot.expire()
                 elif slot.deadline < earliest:
                     earliest = slot.deadline
@@ -171,18 +180,24 @@ class Mailbox(Generic[M]):
         try:
             self._send.send_nowait(envelope)
         except trio.WouldBlock:  # a full mailbox: wait for room, within the same deadline
-            with trio.move_on_at(deadline):
-                await self._send.send(envelope)
-            if slot.state == _WAITING and trio.current_time() >= deadline:
-                slot.state = _GONE
-                raise Unavailable(f"{self.name} did not answer in time",
-                                  retry_after=1) from None
-        keeper = _deadlines()
-        keeper.add(slot)
-        try:
-            answer = await wait_task_rescheduled(slot.abort)
-        finally:
-            keeper.discard(slot)
+            try:
+                with trio.move_on_at(deadline):
+                    await self._send.send(envelope)
+            finally:
+                if slot.state == _SENT and trio.current_time() >= deadline:
+                    slot.state = _GONE  # not sent, or sent too late: any answer is dropped
+            if slot.state == _GONE:
+                raise _timed_out(self.name) from None
+        if slot.state == _ANSWERED:  # answered while this task waited for room
+            answer = slot.value
+        else:
+            slot.state = _PARKED
+            keeper = _deadlines()
+            keeper.add(slot)
+            try:
+                answer = await wait_task_rescheduled(slot.abort)
+            finally:
+                keeper.discard(slot)
         if isinstance(answer, Failure):
             raise answer.error
         return answer
