@@ -269,11 +269,10 @@ class Storage:
         rows = self._cur.execute(sql, args).fetchall()
         return rows[0] if rows else None
 
-    def _event(self, kind: EventKind, pid: PaymentId, token: bytes | None,
+    def _event(self, kind: EventKind, pid: PaymentId, token: bytes | None, seq: int,
                **fields: object) -> TicketEvent:
-        """Number a committed fact of one ticket (in this transaction, so in commit order)."""
-        (seq,) = self._one("UPDATE tickets SET seq = seq + 1 WHERE pid = ? RETURNING seq",
-                           (pid.raw,))
+        """A committed fact of one ticket, numbered by the statement that wrote it
+        (`seq = seq + 1 ... RETURNING seq`, in this transaction, so in commit order)."""
         return TicketEvent(kind, pid, ServiceToken(token) if token else None, seq, self._epoch,
                            tuple(fields.items()))
 
@@ -292,8 +291,7 @@ class Storage:
         token = derive(self.config.derivation, self.config.secret, msg.pid, first_txid.hex())
         # Claim, token and the event's number are one statement (I3).
         (seq,) = self._one(CLAIM_WRITE, (token.raw, self._now, raw))
-        event = TicketEvent(EventKind.CLAIMED, msg.pid, token, seq, self._epoch,
-                            (("balance", amount),))
+        event = self._event(EventKind.CLAIMED, msg.pid, token.raw, seq, balance=amount)
         return Claimed(ClaimStatus.SUCCESS, token, amount), (
             CacheClaim(msg.pid, token, amount), Publish((event,)))
 
@@ -318,8 +316,8 @@ class Storage:
             "UPDATE tickets SET revoked_at = ?, revoke_reason = ?, abuse_score = ?, "
             "seq = seq + 1 WHERE pid = ? RETURNING seq", (self._now, msg.reason, score, pid))
         log.info("token revoked", token=msg.token.redacted(), abuse_score=score)
-        event = TicketEvent(EventKind.REVOKED, PaymentId(pid), msg.token, seq, self._epoch,
-                            (("abuse_score", score),))
+        event = self._event(EventKind.REVOKED, PaymentId(pid), msg.token.raw, seq,
+                            abuse_score=score)
         return self._token_info(msg.token)[1], (Invalidate((PaymentId(pid),)), Publish((event,)))
 
     def _record(self, msg: RecordTransfers) -> Handled:
@@ -356,9 +354,8 @@ class Storage:
             elif balance - t.amount <= 0:
                 new_pids.append(t.pid)  # new, or claimable again after a reorg took it all
             kind = EventKind.TOPPED_UP if token_raw else EventKind.PAYMENT_CONFIRMED
-            events.append(TicketEvent(kind, t.pid, ServiceToken(token_raw) if token_raw else None,
-                                      seq, self._epoch,
-                                      (("amount", t.amount), ("balance", balance))))
+            events.append(self._event(kind, t.pid, token_raw, seq, amount=t.amount,
+                                      balance=balance))
         for s in msg.skipped:
             self._one("INSERT OR IGNORE INTO skipped (txid, reason, amount, height, payment_id, "
                       "recorded_at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -388,17 +385,16 @@ class Storage:
 
     def _vanish(self, msg: MarkVanished) -> Handled:
         raw = msg.pid.raw
-        row = self._one("SELECT amount FROM transfers WHERE txid = ? AND pid = ? "
-                        "AND vanished_at IS NULL", (msg.txid, raw))
+        row = self._one("UPDATE transfers SET vanished_at = ? WHERE txid = ? AND pid = ? "
+                        "AND vanished_at IS NULL RETURNING amount", (self._now, msg.txid, raw))
         if row is None:
             raise NotFound("no such surviving transfer")
         amount = row[0]
-        self._one("UPDATE transfers SET vanished_at = ? WHERE txid = ? AND pid = ?",
-                  (self._now, msg.txid, raw))
-        self._one("UPDATE tickets SET amount = amount - ? WHERE pid = ?", (amount, raw))
-        (token,) = self._one("SELECT token FROM tickets WHERE pid = ?", (raw,))
+        token, seq = self._one("UPDATE tickets SET amount = amount - ?, seq = seq + 1 "
+                               "WHERE pid = ? RETURNING token, seq", (amount, raw))
         claimed = token is not None
-        event = self._event(EventKind.REORG, msg.pid, token, amount=amount, claimed=claimed)
+        event = self._event(EventKind.REORG, msg.pid, token, seq, amount=amount,
+                            claimed=claimed)
         if claimed:
             # Policy: the token stays; an operator must look at it.
             self.metrics.alerts.labels("claimed_transfer_vanished").inc()
