@@ -111,7 +111,7 @@ def test_report_targets_table_and_json(tmp_path: Path) -> None:
         "ingestion": {"transfers_per_s": 15_000.0, "transfers": 100},
         "memory_startup": {"rss_mb": 80.0, "ready_s": 4.0, "recorded_pids": 1_000_000},
         "websocket": {"idle_subscribers": 1000, "ratio_idle_to_none": 0.95,
-                      "fanout": {"from_send": {"p50": 4.0, "p99": 61.0}}},
+                      "fanout": {"from_send_ms": {"p50": 4.0, "p99": 61.0}}},
     })
     verdict = {t["id"]: t["pass"] for t in rep["targets"]}
     assert verdict["throughput.new_claims"] is True  # 0.875

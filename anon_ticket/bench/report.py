@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from anon_ticket.bench import SECTIONS
+
 # Scenario ids, in the order the table shows them, with their labels.
 SCENARIOS: dict[str, str] = {
     "quart_ceiling": "ceiling: trivial quart-trio JSON POST",
@@ -89,7 +91,7 @@ def evaluate_targets(report: dict[str, Any]) -> list[Target]:
     targets.append(Target(
         "websocket.idle_cost", f"redeem (new claims) req/s with {idle} idle websocket "
         "subscribers / without", ws.get("ratio_idle_to_none"), ">=", 0.9, "x"))
-    fan = (ws.get("fanout") or {}).get("from_send") or {}
+    fan = (ws.get("fanout") or {}).get("from_send_ms") or {}
     targets.append(Target(
         "websocket.fanout_p99", f"redeem sent -> `claimed` event received, p99, with {idle} "
         "idle subscribers", fan.get("p99"), "<=", 50.0, "ms",
@@ -264,14 +266,13 @@ def render(report: dict[str, Any]) -> str:
         out.extend(_table(["", "req/s", "p50 ms", "p99 ms", "cpu us/req"], wrows, "lrrrr"))
         fan = ws.get("fanout") or {}
         if fan:
-            f, r = fan.get("from_send", {}), fan.get("from_response_ms", {})
+            f, r = fan.get("from_send_ms", {}), fan.get("from_response_ms", {})
             out.append(f"  fan-out, {fan.get('events')}/{fan.get('claims')} events: redeem sent "
                        f"-> event p50 {_fmt(f.get('p50'))} ms, p99 {_fmt(f.get('p99'))} ms; "
                        f"response -> event p50 {_fmt(r.get('p50'))} ms, p99 "
                        f"{_fmt(r.get('p99'))} ms")
     skipped = [f"{name}: {report[name].get('status') or report[name].get('error')}"
-               for name in ("http", "websocket", "storage", "ingestion", "memory_startup")
-               if name in report and not _measured(report, name)]
+               for name in SECTIONS if name in report and not _measured(report, name)]
     if skipped:
         out.append("")
         out.extend(skipped)
