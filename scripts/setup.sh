@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what anon-ticket needs on a fresh Debian 12 machine: the Debian `monero` package
 # (monerod + monero-wallet-rpc, for the local regtest chain), `wrk` (for the benchmark) and a
-# virtualenv in .venv with the project and, with --test, its test tools. Idempotent: a second run only checks.
+# virtualenv in .venv with the project and, with --test, its test tools. Idempotent: a second
+# run only checks.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 WITH_TEST=0
