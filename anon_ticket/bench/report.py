@@ -250,8 +250,8 @@ def render(report: dict[str, Any]) -> str:
         if mem.get("load_seconds") is not None:
             out.append(f"  loading took {_fmt(mem.get('load_seconds'), '.1f')} s "
                        f"({_fmt(mem.get('load_rows_per_s'), '.0f')} rows/s)")
-    ws = report.get("websocket", {})
-    if ws.get("new_claims_no_subscribers"):
+    ws = _measured(report, "websocket")
+    if ws:
         out.append("")
         out.append(f"websocket: new claims at {ws['connections']} connections, "
                    f"{ws['runs_each']} runs each")
