@@ -253,13 +253,13 @@ def render(report: dict[str, Any]) -> str:
     ws = _measured(report, "websocket")
     if ws:
         out.append("")
-        out.append(f"websocket: new claims at {ws['connections']} connections, "
-                   f"{ws['runs_each']} runs each")
+        out.append(f"websocket: new claims at {ws.get('connections')} connections, "
+                   f"{ws.get('runs_each')} runs each")
         wrows = []
         for label, key in (("no subscribers", "new_claims_no_subscribers"),
-                           (f"{ws['idle_subscribers']} idle subscribers",
+                           (f"{ws.get('idle_subscribers')} idle subscribers",
                             "new_claims_idle_subscribers")):
-            c = ws[key]
+            c = ws.get(key, {})
             wrows.append([label, _fmt(c.get("rps"), ".0f"), _fmt(c.get("p50_ms"), ".2f"),
                           _fmt(c.get("p99_ms"), ".2f"), _fmt(c.get("server_cpu_us_per_req"),
                                                              ".0f")])
