@@ -61,9 +61,7 @@ def build_bloom(config: FilterConfig, seed: int) -> BloomFilter:
             count = int(row[0]) if row else 0
             bloom = BloomFilter.for_capacity(max(config.bloom_entries, 2 * count, 1),
                                              config.bloom_fp_rate, seed)
-            add = bloom.add
-            for (pid,) in conn.execute("SELECT pid FROM tickets"):
-                add(pid)
+            bloom.add_many(pid for (pid,) in conn.execute("SELECT pid FROM tickets"))
     finally:
         conn.close()
     return bloom

@@ -18,17 +18,23 @@ memoryview); anything else raises `TypeError` (from xxhash), never a silent miss
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from itertools import islice
 
-from xxhash import xxh3_128_intdigest
+import numpy as np
+from xxhash import xxh3_128_digest, xxh3_128_intdigest
 
 __all__ = ["BloomFilter"]
 
 # Typed loosely on purpose: `__contains__` takes any object, and xxhash itself raises TypeError
 # for anything that is not bytes-like (str included), so no check is needed on the hot path.
 _xxh3_128: Callable[..., int] = xxh3_128_intdigest
+_xxh3_128_bytes: Callable[..., bytes] = xxh3_128_digest
+_BULK = 16_384  # keys a bulk step hashes at once: k * 16k positions, a few MB of scratch
 _MASK64 = (1 << 64) - 1
 _BIT = (1, 2, 4, 8, 16, 32, 64, 128)
+_MAX_BITS = 1 << 48  # 32 TiB of filter
+_MAX_HASHES = 1024
 _LN2 = math.log(2.0)
 _LN2_SQUARED = _LN2 * _LN2
 
@@ -64,8 +70,9 @@ class BloomFilter:
     __slots__ = ("_array", "_count", "_k", "_m", "_rest", "_seed")
 
     def __init__(self, bits: int, hashes: int, seed: int) -> None:
-        self._m: int = _check_int("bits", bits, 1)
-        self._k: int = _check_int("hashes", hashes, 1)
+        # Bounded so that `add_many`'s (k + 1) * m stays inside uint64.
+        self._m: int = _check_int("bits", bits, 1, _MAX_BITS)
+        self._k: int = _check_int("hashes", hashes, 1, _MAX_HASHES)
         self._seed: int = _check_int("seed", seed, 0, _MASK64)
         self._array = bytearray((self._m + 7) >> 3)
         self._rest = range(self._k - 1)  # the probes after the first one
@@ -138,6 +145,39 @@ class BloomFilter:
                 pos -= m
         if new:
             self._count += 1
+
+    def add_many(self, keys: Iterable[bytes]) -> None:
+        """`add` every key, with the same bits, vectorized: how a filter is prewarmed.
+
+        Keys are hashed one C call each; the probe positions and the bit setting run in numpy
+        over steps of up to 16k keys (about 0.2 s for 1M keys at k = 20, where `add` takes
+        2.4 s or more). `len()` grows by the keys of a step whose bits were not all set before
+        that step, so a key repeated within one step counts twice (callers stream distinct ids).
+        """
+        array = np.frombuffer(self._array, dtype=np.uint8)  # a view: writes land in _array
+        m = np.uint64(self._m)
+        probes = np.arange(self._k, dtype=np.uint64)
+        seed = self._seed
+        it = iter(keys)
+        while chunk := list(islice(it, _BULK)):
+            # The digest's canonical bytes are big-endian: high 64 bits first, then low.
+            halves = np.frombuffer(b"".join([_xxh3_128_bytes(key, seed) for key in chunk]),
+                                   dtype=">u8").reshape(-1, 2)
+            first = halves[:, 1] % m
+            step = (halves[:, 0] | np.uint64(1)) % m
+            # pos_i = (first + i * step) mod m; first, step < m <= 2^48 and i < k <= 1024,
+            # so the sum stays below 2^59: no uint64 overflow.
+            pos = (first[:, None] + probes[None, :] * step[:, None]) % m
+            index = (pos >> np.uint64(3)).astype(np.intp)
+            bit = (pos & np.uint64(7)).astype(np.uint8)
+            was_set = (array[index] >> bit) & 1
+            self._count += int(np.count_nonzero(~was_set.all(axis=1)))
+            index, bit = index.ravel(), bit.ravel()
+            for b in range(8):
+                # One bit value per pass: repeated indices then write the same byte value, so
+                # numpy's unbuffered fancy assignment loses nothing.
+                at = index[bit == b]
+                array[at] |= np.uint8(1 << b)
 
     def __contains__(self, key: object) -> bool:
         """True if the key may have been added; False means it certainly was not."""

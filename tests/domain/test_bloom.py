@@ -64,6 +64,44 @@ def test_bits_follow_documented_double_hashing(keys: list[bytes], seed: int, bit
     assert bf.to_bytes() == reference_bytes(keys, bits, hashes, seed)
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    keys=st.lists(st.binary(min_size=0, max_size=16), max_size=300, unique=True),
+    seed=SEEDS,
+    bits=st.integers(min_value=1, max_value=5000),
+    hashes=st.integers(min_value=1, max_value=30),
+)
+def test_add_many_sets_the_same_bits_as_add(keys: list[bytes], seed: int, bits: int,
+                                            hashes: int) -> None:
+    bulk = BloomFilter(bits, hashes, seed)
+    bulk.add_many(iter(keys))  # any iterable, consumed once
+    assert bulk.to_bytes() == reference_bytes(keys, bits, hashes, seed)
+    assert all(key in bulk for key in keys)
+
+
+def test_add_many_over_several_steps_matches_add() -> None:
+    # Several bulk steps of 16k keys: the same bits and the same count as one add per key.
+    rng = random.Random(11)
+    keys = [rng.randbytes(8) for _ in range(40_000)]
+    bulk, single = (BloomFilter.for_capacity(40_000, 1e-6, seed=2**64 - 1) for _ in range(2))
+    bulk.add_many(keys)
+    for key in keys:
+        single.add(key)
+    assert bulk.to_bytes() == single.to_bytes()
+    assert len(bulk) == len(single) == 40_000
+
+
+def test_add_many_counts_and_refuses_like_add() -> None:
+    bf = BloomFilter.for_capacity(100, 1e-6, seed=3)
+    bf.add_many([])
+    assert len(bf) == 0
+    bf.add(b"a")
+    bf.add_many([b"a", b"b", b"c"])  # "a" was in before this step: not counted again
+    assert len(bf) == 3
+    with pytest.raises(TypeError):
+        bf.add_many([b"d", "e"])  # type: ignore[list-item]
+
+
 def test_measured_false_positive_rate() -> None:
     rng = random.Random(20240611)  # fixed: deterministic, but a broken hash still fails
     members, fp_rate = 20_000, 1e-3
@@ -114,7 +152,7 @@ def test_bad_capacity_parameters(entries: object, fp_rate: object) -> None:
 
 @pytest.mark.parametrize(("bits", "hashes", "seed"), [
     (0, 1, 0), (-1, 1, 0), (8, 0, 0), (8, -3, 0), (8, 1, -1), (8, 1, 2**64), (8.0, 1, 0),
-    (8, 1, None),
+    (8, 1, None), (2**48 + 1, 1, 0), (8, 1025, 0),
 ])
 def test_bad_constructor_parameters(bits: object, hashes: object, seed: object) -> None:
     with pytest.raises(ValueError):
