@@ -42,6 +42,9 @@ from supervisors.mailbox import Envelope, Mailbox
 
 log = get_logger("filter")
 
+# From this many new ids in one message, one numpy pass beats an `add` per id.
+BULK_ADD = 32
+
 
 @dataclass(frozen=True, slots=True)
 class FilterConfig:
@@ -131,8 +134,11 @@ class Filter:
     def _add(self, env: Envelope[Any]) -> None:
         msg: AddPids = env.msg
         if self.bloom is not None:
-            for pid in msg.pids:
-                self.bloom.add(pid.raw)
+            if len(msg.pids) >= BULK_ADD:  # a catch-up's chunk: vectorized
+                self.bloom.add_many([pid.raw for pid in msg.pids])
+            else:
+                for pid in msg.pids:
+                    self.bloom.add(pid.raw)
             self.metrics.bloom_entries.set(len(self.bloom))
         env.reply(msg.ack)
         if msg.events:

@@ -59,7 +59,7 @@ from supervisors.mailbox import Envelope, Mailbox
 log = get_logger("poller")
 
 # Transfers per storage message: small enough that claims interleave during a catch-up.
-CHUNK_TRANSFERS = 256
+CHUNK_TRANSFERS = 1024
 SEEN_MEMORY = 10_000
 
 

@@ -8,7 +8,8 @@ Layout (binary ids: pid 8 bytes, txid and token 32 bytes):
 - `tickets`: one row per payment id ever credited. `amount` is the sum of its credited,
   surviving transfers (before and after the claim: top-ups keep adding). Claiming sets `token`
   and `claimed_at` in the same statement (I3), so a claimed ticket always has its token.
-- `transfers`: each qualifying chain transfer, once per (txid, pid) (I1).
+- `transfers`: each qualifying chain transfer, once per (txid, pid) (I1); keyed by (pid, txid)
+  so a ticket's transfers sit together, with an index on height for the reorg window.
 - `skipped`: transfers that did not qualify, with the reason (I7).
 - `state`: small named integers; `cursor` is the highest height fully scanned (I4);
   `epoch` names the event numbering (`tickets.seq`), and changes when a backup is restored.
@@ -81,6 +82,37 @@ def m002_event_numbering(db: Database) -> None:
         INSERT INTO state (key, value)
             VALUES ('epoch', abs(random()) % 9007199254740991 + 1)
             ON CONFLICT (key) DO NOTHING;
+        """
+    )
+
+
+@migrations()
+def m003_transfers_by_pid_and_height(db: Database) -> None:
+    """Transfers keyed by (pid, txid), with an index on height.
+
+    The recent-window query of every poller tick (`height > ?`) scanned the whole table; and
+    keyed by a random txid plus a pid index, each new transfer dirtied pages in two random
+    B-trees. Now the key serves the per-ticket queries (claims, credits) by itself and the
+    height index grows at its right edge, as the chain does.
+    """
+    db.executescript(
+        """
+        CREATE TABLE transfers_new (
+            txid BLOB NOT NULL CHECK (length(txid) = 32),
+            pid BLOB NOT NULL REFERENCES tickets(pid),
+            amount INTEGER NOT NULL CHECK (amount > 0),
+            height INTEGER NOT NULL,
+            recorded_at TEXT NOT NULL,
+            vanished_at TEXT,
+            source TEXT NOT NULL DEFAULT 'chain',
+            PRIMARY KEY (pid, txid)
+        ) WITHOUT ROWID;
+        INSERT INTO transfers_new (txid, pid, amount, height, recorded_at, vanished_at, source)
+            SELECT txid, pid, amount, height, recorded_at, vanished_at, source FROM transfers
+            ORDER BY pid, txid;
+        DROP TABLE transfers;
+        ALTER TABLE transfers_new RENAME TO transfers;
+        CREATE INDEX transfers_by_height ON transfers (height);
         """
     )
 

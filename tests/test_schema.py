@@ -6,6 +6,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from sqlite_utils import Database
 
 from anon_ticket import schema
 from anon_ticket.errors import StorageError
@@ -61,3 +62,28 @@ def test_a_backup_is_taken_before_migrating_an_existing_database(
         assert "tickets" in names and "extra" not in names
     finally:
         schema.migrations._migrations.pop()
+
+
+def test_m003_keeps_every_transfer_and_indexes_the_reorg_window(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    schema.migrations.apply(Database(conn), stop_before="m003_transfers_by_pid_and_height")
+    rows: list[tuple[object, ...]] = [(bytes([i]) * 32, bytes([i % 3 + 1]) * 8, 10 + i, 100 + i, "t", None, "chain")
+            for i in range(9)]
+    rows[4] = (*rows[4][:5], "gone", "legacy")
+    for pid in {r[1] for r in rows}:
+        conn.execute("INSERT INTO tickets (pid, amount, created_at) VALUES (?, 1, 't')", (pid,))
+    conn.executemany("INSERT INTO transfers VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    conn.close()
+
+    assert schema.migrate(db) == ["m003_transfers_by_pid_and_height"]
+    conn = sqlite3.connect(db)
+    kept = conn.execute("SELECT txid, pid, amount, height, recorded_at, vanished_at, source "
+                        "FROM transfers ORDER BY height").fetchall()
+    assert kept == rows
+    plan = conn.execute("EXPLAIN QUERY PLAN SELECT txid, pid, height FROM transfers "
+                        "WHERE height > ? AND vanished_at IS NULL", (0,)).fetchall()
+    assert "transfers_by_height" in plan[0][-1]  # not a scan of every transfer each tick
+    with pytest.raises(sqlite3.IntegrityError):  # still one row per (txid, pid): I1
+        conn.execute("INSERT INTO transfers (txid, pid, amount, height, recorded_at) "
+                     "VALUES (?, ?, 1, 1, 't')", (rows[0][0], rows[0][1]))
