@@ -68,8 +68,9 @@ def test_m003_keeps_every_transfer_and_indexes_the_reorg_window(tmp_path: Path) 
     db = tmp_path / "a.db"
     conn = sqlite3.connect(db, isolation_level=None)
     schema.migrations.apply(Database(conn), stop_before="m003_transfers_by_pid_and_height")
-    rows: list[tuple[object, ...]] = [(bytes([i]) * 32, bytes([i % 3 + 1]) * 8, 10 + i, 100 + i, "t", None, "chain")
-            for i in range(9)]
+    rows: list[tuple[object, ...]] = [
+        (bytes([i]) * 32, bytes([i % 3 + 1]) * 8, 10 + i, 100 + i, "t", None, "chain")
+        for i in range(9)]
     rows[4] = (*rows[4][:5], "gone", "legacy")
     for pid in {r[1] for r in rows}:
         conn.execute("INSERT INTO tickets (pid, amount, created_at) VALUES (?, 1, 't')", (pid,))
