@@ -71,10 +71,17 @@ CLAIM_READ = (
 # ...and writes token, time and the ticket's next event number in one statement.
 CLAIM_WRITE = ("UPDATE tickets SET token = ?, claimed_at = ?, seq = seq + 1 WHERE pid = ? "
                "RETURNING seq")
-# Crediting a transfer to its ticket: create it or add to it, and number the event.
+# Crediting a transfer: is it known already (and vanished in a reorg?) ...
+TRANSFER_READ = "SELECT height, vanished_at FROM transfers WHERE txid = ? AND pid = ?"
+# ...create its ticket or add to it, numbering the event...
 CREDIT = ("INSERT INTO tickets (pid, amount, created_at, seq) VALUES (?, ?, ?, 1) "
           "ON CONFLICT (pid) DO UPDATE SET amount = amount + excluded.amount, seq = seq + 1 "
           "RETURNING amount, token, revoked_at, seq")
+# ...and keep it (I1: once per (txid, pid)).
+TRANSFER_INSERT = ("INSERT INTO transfers (txid, pid, amount, height, recorded_at) "
+                   "VALUES (?, ?, ?, ?, ?)")
+CURSOR_WRITE = ("INSERT INTO state (key, value) VALUES ('cursor', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
 CACHE_KIB = 32 * 1024
 # A passive checkpoint runs (off the loop) once this many pages wait in the WAL.
 CHECKPOINT_WAL_PAGES = 2000
@@ -331,19 +338,20 @@ class Storage:
         events: list[TicketEvent] = []
         credited = 0
         one = self._one
+        assert self._cur is not None
+        execute = self._cur.execute  # the hot loop of a catch-up: no wrapper per statement
         for t in msg.transfers:
             raw = t.pid.raw
-            row = one("SELECT height, vanished_at FROM transfers WHERE txid = ? AND pid = ?",
-                      (t.txid, raw))
+            row = execute(TRANSFER_READ, (t.txid, raw)).fetchone()
             if row is not None and row[1] is None:
                 if row[0] != t.height:  # re-mined at another height after a reorg
                     one("UPDATE transfers SET height = ? WHERE txid = ? AND pid = ?",
                         (t.height, t.txid, raw))
                 continue  # credited already (I1)
-            balance, token_raw, revoked_at, seq = one(CREDIT, (raw, t.amount, now))
+            # Unpacking the one RETURNING row runs the statement to completion.
+            (balance, token_raw, revoked_at, seq), = execute(CREDIT, (raw, t.amount, now))
             if row is None:
-                one("INSERT INTO transfers (txid, pid, amount, height, recorded_at) "
-                    "VALUES (?, ?, ?, ?, ?)", (t.txid, raw, t.amount, t.height, now))
+                execute(TRANSFER_INSERT, (t.txid, raw, t.amount, t.height, now))
             else:  # vanished in a reorg, now back
                 one("UPDATE transfers SET vanished_at = NULL, height = ?, amount = ? "
                     "WHERE txid = ? AND pid = ?", (t.height, t.amount, t.txid, raw))
@@ -365,8 +373,7 @@ class Storage:
                       "recorded_at) VALUES (?, ?, ?, ?, ?, ?)",
                       (s.txid, s.reason, s.amount, s.height, s.payment_id, now))
         if msg.cursor is not None:
-            self._one("INSERT INTO state (key, value) VALUES ('cursor', ?) "
-                      "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (msg.cursor,))
+            self._one(CURSOR_WRITE, (msg.cursor,))
         recorded = Recorded(credited, tuple(new_pids), tuple(topped), msg.cursor)
         effects: tuple[Effect, ...] = (Invalidate(tuple(topped)),) if topped else ()
         if new_pids:

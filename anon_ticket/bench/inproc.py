@@ -29,9 +29,26 @@ import trio
 
 from actors.filter import Filter, FilterConfig
 from actors.poller import CHUNK_TRANSFERS, chunks_at_block_boundaries
-from actors.storage import CLAIM_READ, CLAIM_WRITE, Storage, StorageConfig, open_connection
+from actors.storage import (
+    CLAIM_READ,
+    CLAIM_WRITE,
+    CREDIT,
+    CURSOR_WRITE,
+    TRANSFER_INSERT,
+    TRANSFER_READ,
+    Storage,
+    StorageConfig,
+    open_connection,
+)
 from anon_ticket.domain.ids import PaymentId
-from anon_ticket.domain.messages import Claim, Claimed, ClaimStatus, Recorded, Transfer
+from anon_ticket.domain.messages import (
+    Claim,
+    Claimed,
+    ClaimStatus,
+    Recorded,
+    RecordTransfers,
+    Transfer,
+)
 from anon_ticket.domain.timefmt import rfc3339
 from anon_ticket.domain.tokens import Derivation, derive
 from anon_ticket.metrics import Metrics
@@ -253,9 +270,9 @@ def make_transfers(count: int, *, first_height: int, per_block: int) -> list[Tra
             for i in range(count)]
 
 
-async def _ingest(db_path: Path, transfers: list[Transfer], window_blocks: int) -> IngestRun:
-    # Windows of `window_blocks` heights, as the poller asks the wallet for them, each split
-    # into storage messages at block boundaries.
+def _messages(transfers: list[Transfer], window_blocks: int) -> list[RecordTransfers]:
+    """Windows of `window_blocks` heights, as the poller asks the wallet for them, each split
+    into storage messages at block boundaries."""
     windows: dict[int, list[Transfer]] = {}
     base = transfers[0].height if transfers else 0
     for t in transfers:
@@ -264,6 +281,11 @@ async def _ingest(db_path: Path, transfers: list[Transfer], window_blocks: int) 
     for w in sorted(windows):
         top = base + (w + 1) * window_blocks - 1
         messages.extend(chunks_at_block_boundaries(windows[w], [], top))
+    return messages
+
+
+async def _ingest(db_path: Path, transfers: list[Transfer], window_blocks: int) -> IngestRun:
+    messages = _messages(transfers, window_blocks)
     credited = new = 0
     cursor = None
     async with run_core(db_path) as core:
@@ -286,9 +308,38 @@ def ingest(db_path: Path, transfers: list[Transfer], *, window_blocks: int = 100
     return trio.run(_ingest, db_path, transfers, window_blocks)
 
 
+def raw_ingest(db_path: Path, transfers: list[Transfer], *,
+               window_blocks: int = 1000) -> IngestRun:
+    """The storage actor's crediting statements on a bare connection, one transaction per
+    message of the same chunking: the SQL floor of ingestion, without actors, savepoints,
+    events or the Bloom filter."""
+    messages = _messages(transfers, window_blocks)
+    conn = open_connection(db_path)
+    credited = 0
+    try:
+        cur = conn.cursor()
+        started, cpu = time.perf_counter(), time.process_time()
+        for msg in messages:
+            with conn:
+                now = rfc3339(time.time())
+                for t in msg.transfers:
+                    raw = t.pid.raw
+                    if cur.execute(TRANSFER_READ, (t.txid, raw)).fetchall():
+                        continue
+                    cur.execute(CREDIT, (raw, t.amount, now)).fetchall()
+                    cur.execute(TRANSFER_INSERT, (t.txid, raw, t.amount, t.height, now))
+                    credited += 1
+                cur.execute(CURSOR_WRITE, (msg.cursor,))
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    finally:
+        conn.close()
+    return IngestRun(len(transfers), len(messages), seconds, cpu, credited, credited,
+                     messages[-1].cursor if messages else None, False)
+
+
 def expected_outcome(run: ClaimRun) -> bool:
     return run.outcomes.get(ClaimStatus.SUCCESS.value, 0) == run.claims
 
 
-__all__ = ["CHUNK_TRANSFERS", "ClaimRun", "IngestRun", "expected_outcome", "ingest",
+__all__ = ["CHUNK_TRANSFERS", "ClaimRun", "IngestRun", "expected_outcome", "ingest", "raw_ingest",
            "make_transfers", "raw_claims", "storage_claims"]

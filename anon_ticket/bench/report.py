@@ -85,7 +85,8 @@ def evaluate_targets(report: dict[str, Any]) -> list[Target]:
     targets.append(Target(
         "ingestion.rate", "ingestion through record-transfers, transfers per CPU second",
         ingest.get("transfers_per_s"), ">=", 20_000, "transfers/s",
-        note=f"over {ingest.get('transfers', '?')} transfers"))
+        note=f"over {ingest.get('transfers', '?')} transfers; the bare-SQL floor of the same "
+             f"statements: {ingest.get('raw_sql_per_cpu_s', '?')}"))
     ws = report.get("websocket", {})
     idle = ws.get("idle_subscribers", 1000)
     targets.append(Target(
@@ -233,6 +234,9 @@ def render(report: dict[str, Any]) -> str:
                    f"second ({ingest.get('transfers')} transfers in {ingest.get('messages')} "
                    f"messages, {_fmt(ingest.get('seconds'), '.2f')} s; "
                    f"{ingest.get('path', '')})")
+        out.append(f"  the same statements on a bare connection: "
+                   f"{_fmt(ingest.get('raw_sql_per_cpu_s'), '.0f')} per CPU second "
+                   f"(ours {_fmt(ingest.get('vs_raw_sql'), '.2f')} x of it)")
         gcv = ingest.get("gc") or {}
         if gcv:
             out.append(f"  cyclic GC: {_fmt(gcv.get('share_of_run'), '.1%')} of the run, "
