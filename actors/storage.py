@@ -83,8 +83,13 @@ TRANSFER_INSERT = ("INSERT INTO transfers (txid, pid, amount, height, recorded_a
 CURSOR_WRITE = ("INSERT INTO state (key, value) VALUES ('cursor', ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
 CACHE_KIB = 32 * 1024
-# A passive checkpoint runs (off the loop) once this many pages wait in the WAL.
+# A passive checkpoint runs (off the loop) once this many pages were written to the WAL
+# since the last one...
 CHECKPOINT_WAL_PAGES = 2000
+# ...and, since SQLite starts the log over only once a checkpoint has copied all of it, which
+# steady writes rarely allow, the storage actor bounds it with a RESTART checkpoint between two
+# batches (its connection idle, requests waiting in the mailbox for those milliseconds).
+RESTART_WAL_PAGES = 8 * CHECKPOINT_WAL_PAGES
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +162,12 @@ class Storage:
         self._counters = {t: metrics.storage_requests.labels(k) for t, k in self._kinds.items()}
         self._now = ""  # the batch's timestamp: one clock reading per transaction
         self._checkpoint_wanted = trio.Event()
+        self._wal_pages = 0  # the log's length after the last commit (from the WAL hook)
+        self._wal_gauge = metrics.wal_pages
+        self._wal_copied = 0  # ...and how much of it the last checkpoint copied
+        self._checkpoints: apsw.Connection | None = None  # the checkpointer's own connection
+        self._checkpoint_lock = trio.Lock()  # one checkpoint at a time on that connection
+        self._restart_after = 0.0  # after a RESTART a reader blocked: not again before this
         self._epoch = 0
 
     # --- running ----------------------------------------------------------------------------
@@ -182,6 +193,9 @@ class Storage:
         finally:
             conn.close()
             self._conn = self._cur = None
+            if self._checkpoints is not None:
+                self._checkpoints.close()
+                self._checkpoints = None
 
     async def _serve(self, nursery: trio.Nursery) -> None:
         inbox = self.mailbox.inbox
@@ -208,6 +222,8 @@ class Storage:
                         self.filter.tell(effect)  # a cache fill may be dropped
                     except Unavailable:
                         pass
+            if self._wal_pages >= RESTART_WAL_PAGES and trio.current_time() >= self._restart_after:
+                await self._restart_log()
 
     def _run_batch(self, batch: list[Envelope[Any]], nursery: trio.Nursery) -> list[Effect]:
         now = trio.current_time()
@@ -342,7 +358,8 @@ class Storage:
         execute = self._cur.execute  # the hot loop of a catch-up: no wrapper per statement
         for t in msg.transfers:
             raw = t.pid.raw
-            row = execute(TRANSFER_READ, (t.txid, raw)).fetchone()
+            rows = execute(TRANSFER_READ, (t.txid, raw)).fetchall()  # done: no read left open
+            row = rows[0] if rows else None
             if row is not None and row[1] is None:
                 if row[0] != t.height:  # re-mined at another height after a reorg
                     one("UPDATE transfers SET height = ? WHERE txid = ? AND pid = ?",
@@ -466,22 +483,51 @@ class Storage:
         env.reply(BackupDone(str(result.path), result.bytes, result.seconds))
 
     def _wal_hook(self, conn: apsw.Connection, dbname: str, pages: int) -> int:
-        if pages > CHECKPOINT_WAL_PAGES:
+        """After each COMMIT: `pages` is the log's length. What asks for a checkpoint is the
+        growth since the last one: the length itself stays high until the log starts over,
+        and asking on every commit meant one checkpoint after another."""
+        if pages < self._wal_copied:
+            self._wal_copied = 0  # the log started over
+        self._wal_pages = pages
+        self._wal_gauge.set(pages)
+        if pages - self._wal_copied >= CHECKPOINT_WAL_PAGES:
             self._checkpoint_wanted.set()
         return apsw.SQLITE_OK
 
     async def _checkpointer(self) -> None:
+        """PASSIVE checkpoints in a worker thread: they copy what they can and never wait for,
+        or hold back, the writer."""
         while True:
             await self._checkpoint_wanted.wait()
             self._checkpoint_wanted = trio.Event()
-            await trio.to_thread.run_sync(_checkpoint, self.config.db_path)
+            async with self._checkpoint_lock:
+                copied = await trio.to_thread.run_sync(self._checkpoint, "PASSIVE")
+            self.metrics.wal_checkpoints.labels("passive").inc()
+            if copied is not None:
+                self._wal_copied = copied
 
+    async def _restart_log(self) -> None:
+        """Called between batches, when the log has grown long: the writer's connection is
+        idle, so the RESTART needs no lock it holds; the mailbox queues requests meanwhile."""
+        async with self._checkpoint_lock:
+            done = await trio.to_thread.run_sync(self._checkpoint, "RESTART")
+        self.metrics.wal_checkpoints.labels("restart").inc()
+        if done is None:  # a reader (a backup, say) still uses the log: later
+            self._restart_after = trio.current_time() + 1.0
+        else:
+            self._wal_pages = self._wal_copied = 0
 
-def _checkpoint(db_path: Path) -> None:
-    conn = apsw.Connection(str(db_path))
-    try:
-        conn.setbusytimeout(1000)
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-    finally:
-        conn.close()
+    def _checkpoint(self, mode: str) -> int | None:
+        """In a worker thread, on a connection of its own (opened once): the pages copied, or
+        None when a RESTART could not finish. No busy handler: a RESTART that would have to
+        wait for a reader gives up at once instead of holding the writer (the loop) back."""
+        if self._checkpoints is None:
+            self._checkpoints = apsw.Connection(str(self.config.db_path))
+        try:
+            row = self._checkpoints.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        except apsw.BusyError:
+            return None
+        if row is None or (mode == "RESTART" and row[0] != 0):
+            return None
+        return 0 if mode == "RESTART" else int(row[2])  # after a RESTART the log starts over
 

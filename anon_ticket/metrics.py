@@ -45,6 +45,13 @@ class Metrics:
             "anon_ticket_storage_commit_seconds", "Time to run and commit one batch",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=r)
+        self.wal_checkpoints = Counter(
+            "anon_ticket_storage_wal_checkpoints", "WAL checkpoints run off the loop, by mode "
+            "(passive; restart when a busy writer kept the log from starting over)", ["mode"],
+            registry=r)
+        self.wal_pages = Gauge(
+            "anon_ticket_storage_wal_pages", "Pages in the write-ahead log after the last commit",
+            registry=r)
         self.batches_failed = Counter(
             "anon_ticket_storage_batches_failed", "Batches whose transaction was lost",
             registry=r)

@@ -206,3 +206,58 @@ async def test_revoke_keeps_the_first_reason_and_score(tmp_path: Path) -> None:
         assert (await core.storage.ask(LookupToken(token), 5)).amount == 10**12 + 5
         alerts = core.metrics.alerts.labels("revoked_topped_up")._value.get()
         assert alerts == 1
+
+
+def _checkpoints(core: Any, mode: str) -> float:
+    return float(core.metrics.wal_checkpoints.labels(mode)._value.get())
+
+
+async def test_the_wal_stays_bounded_under_one_commit_per_claim(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Claims one at a time (a commit each, as under light HTTP load): the log must not grow
+    # without bound, and a checkpoint must not follow every commit (it did: one per 10 claims).
+    from actors import storage
+    monkeypatch.setattr(storage, "CHECKPOINT_WAL_PAGES", 40)
+    monkeypatch.setattr(storage, "RESTART_WAL_PAGES", 160)
+    pids = [PaymentId.generate() for _ in range(600)]
+    async with run_core(tmp_path, batch_limit=1) as core:
+        for pid in pids:
+            await core.pay(pid)
+        longest = written = 0.0
+        last = core.metrics.wal_pages._value.get()
+        before = _checkpoints(core, "passive")
+        for pid in pids:
+            assert (await core.storage.ask(Claim(pid), 5)).status is ClaimStatus.SUCCESS
+            now = core.metrics.wal_pages._value.get()
+            written += now - last if now >= last else now  # the log may have started over
+            longest, last = max(longest, now), now
+        passive = _checkpoints(core, "passive") - before
+        restart = _checkpoints(core, "restart")
+    assert 160 <= longest <= 160 + 10  # a few pages a commit past the bound, then restarted
+    assert restart >= 1
+    assert passive <= written / 40 * 1.25 + 2  # one per 40 pages written, not per commit
+
+
+async def test_a_reader_holding_the_log_delays_its_restart_but_no_claim(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from actors import storage
+    monkeypatch.setattr(storage, "CHECKPOINT_WAL_PAGES", 40)
+    monkeypatch.setattr(storage, "RESTART_WAL_PAGES", 160)
+    pids = [PaymentId.generate() for _ in range(300)]
+    async with run_core(tmp_path, batch_limit=1) as core:
+        for pid in pids[:50]:
+            await core.pay(pid)
+        reader = apsw.Connection(str(core.db_path))  # e.g. a backup: a snapshot held open
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM tickets").fetchall()
+        for pid in pids[50:]:
+            await core.pay(pid)  # every write lands while the reader holds its snapshot
+        held = core.metrics.wal_pages._value.get()
+        assert held > 160  # the log could not start over...
+        assert _checkpoints(core, "restart") >= 1  # ...though a RESTART was tried: no error
+        reader.execute("COMMIT")
+        reader.close()
+        await trio.sleep(1.1)  # the retry delay after a blocked RESTART
+        for pid in pids:
+            assert (await core.storage.ask(Claim(pid), 5)).status is ClaimStatus.SUCCESS
+        assert core.metrics.wal_pages._value.get() < 160  # started over once the reader left
