@@ -341,5 +341,14 @@ def expected_outcome(run: ClaimRun) -> bool:
     return run.outcomes.get(ClaimStatus.SUCCESS.value, 0) == run.claims
 
 
-__all__ = ["CHUNK_TRANSFERS", "ClaimRun", "IngestRun", "expected_outcome", "ingest", "raw_ingest",
-           "make_transfers", "raw_claims", "storage_claims"]
+__all__ = [
+    "CHUNK_TRANSFERS",
+    "ClaimRun",
+    "IngestRun",
+    "expected_outcome",
+    "ingest",
+    "make_transfers",
+    "raw_claims",
+    "raw_ingest",
+    "storage_claims",
+]

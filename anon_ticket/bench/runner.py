@@ -133,6 +133,10 @@ def _versions() -> dict[str, str]:
 class Cell:
     runs: list[WrkResult] = field(default_factory=list)
     server_cpu: list[float] = field(default_factory=list)  # server cpu s per run
+    # Per run: the quart-trio ceiling measured right before and after it (req/s, CPU us per
+    # request), averaged; a ratio against it cancels the drift of a shared machine.
+    paired_rps: list[float] = field(default_factory=list)
+    paired_cpu_us: list[float] = field(default_factory=list)
 
     def summary(self, expected: tuple[str, ...]) -> dict[str, Any]:
         runs = self.runs
@@ -144,7 +148,18 @@ class Cell:
         p99 = med([r.p99_ms for r in runs])
         cpu_per_req = [cpu / r.requests * 1e6 for cpu, r in zip(self.server_cpu, runs,
                                                                  strict=True) if r.requests]
+        paired: dict[str, Any] = {}
+        if self.paired_rps:
+            paired["paired_ratio_to_quart"] = round(med(
+                [r.rps / q for r, q in zip(runs, self.paired_rps, strict=True) if q]), 3)
+            paired["paired_ceiling_rps"] = [round(q, 1) for q in self.paired_rps]
+        cpu_pairs = [q / (cpu / r.requests * 1e6) for cpu, r, q in
+                     zip(self.server_cpu, runs, self.paired_cpu_us, strict=False)
+                     if r.requests and cpu > 0 and q]
+        if cpu_pairs:
+            paired["paired_cpu_ratio_to_quart"] = round(med(cpu_pairs), 3)
         return {
+            **paired,
             "rps": round(rps, 1),
             "p50_ms": round(p50, 3),
             "p99_ms": round(p99, 3),
@@ -163,6 +178,24 @@ class Cell:
                                           zip(self.server_cpu, runs, strict=True)]), 3),
             "generator_cpu": max((r.generator_cpu or 0.0) for r in runs),
         }
+
+
+def _pair_with_ceiling(sequence: list[tuple[str, WrkResult, float]],
+                       cells: dict[str, Cell]) -> None:
+    """Give every run of `sequence` (one repetition, in the order run) the mean of the
+    quart-trio ceiling runs nearest before and after it."""
+    ceiling = [i for i, (name, _, _) in enumerate(sequence) if name == "quart_ceiling"]
+    if not ceiling:
+        return
+    for i, (name, _, _) in enumerate(sequence):
+        if name == "quart_ceiling":
+            continue
+        before = [j for j in ceiling if j < i][-1:]
+        after = [j for j in ceiling if j > i][:1]
+        near = [sequence[j] for j in before + after]
+        cells[name].paired_rps.append(statistics.fmean(r.rps for _, r, _ in near))
+        cpu_us = [c / r.requests * 1e6 for _, r, c in near if r.requests]
+        cells[name].paired_cpu_us.append(statistics.fmean(cpu_us) if cpu_us else 0.0)
 
 
 def _merge(dicts: list[dict[str, int]]) -> dict[str, int]:
@@ -306,7 +339,13 @@ class Bench:
                 order = ["quart_ceiling", "raw_asgi_ceiling", "quart_hop", "new_claims",
                          "already_claimed", "bloom_negative", "invalid_pid", "token"]
                 if level == report.TARGET_LEVEL:
-                    order.append("already_claimed_uncached")
+                    # The targets' level: the ceiling again between every two scenarios, so
+                    # each is compared with the ceiling measured minutes, not a minute, apart.
+                    order = ["quart_ceiling", "raw_asgi_ceiling", "quart_hop", "quart_ceiling",
+                             "new_claims", "already_claimed", "quart_ceiling",
+                             "bloom_negative", "invalid_pid", "quart_ceiling", "token",
+                             "already_claimed_uncached", "quart_ceiling"]
+                sequence: list[tuple[str, WrkResult, float]] = []
                 for scenario in order:
                     best: tuple[WrkResult, float] | None = None
                     for attempt in range(1 + p.retries):
@@ -339,11 +378,15 @@ class Bench:
                     cell = cells[scenario].setdefault(level, Cell())
                     cell.runs.append(result)
                     cell.server_cpu.append(cpu)
+                    sequence.append((scenario, result, cpu))
                     ok = result.count_of(EXPECTED[scenario])
                     total = sum(result.counts.values())
                     self.log(f"  {scenario:<25} c={level:<3} rep {rep + 1}: {result.rps:7.0f} "
                              f"req/s  p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms"
                              f"  ok {ok}/{total}  server cpu {cpu / result.duration_s:.0%}")
+                if level == report.TARGET_LEVEL:
+                    _pair_with_ceiling(sequence, {k: v[level] for k, v in cells.items()
+                                                  if level in v})
         self.report["http"] = self._http_summary(cells, batches, time.perf_counter() - started)
 
     def _http_summary(self, cells: dict[str, dict[int, Cell]],
@@ -361,10 +404,13 @@ class Bench:
                 q = out.get("quart_ceiling", {}).get(level)
                 r = out.get("raw_asgi_ceiling", {}).get(level)
                 if q and q["rps"]:
-                    cell["ratio_to_quart"] = round(cell["rps"] / q["rps"], 3)
+                    # Paired with the ceiling runs around it where the run was bracketed.
+                    cell["ratio_to_quart"] = cell.get("paired_ratio_to_quart") or round(
+                        cell["rps"] / q["rps"], 3)
                     qc, cc = q.get("server_cpu_us_per_req"), cell.get("server_cpu_us_per_req")
                     if qc and cc:  # robust to a shared machine: CPU cost, not wall time
-                        cell["cpu_ratio_to_quart"] = round(qc / cc, 3)
+                        cell["cpu_ratio_to_quart"] = cell.get(
+                            "paired_cpu_ratio_to_quart") or round(qc / cc, 3)
                     if q.get("tail") and cell.get("tail"):
                         cell["tail_to_quart"] = round(cell["tail"] / q["tail"], 3)
                 if r and r["rps"]:
@@ -395,6 +441,10 @@ class Bench:
                 "request; cpu_ratio_to_quart: the ceiling's CPU per request / this one's (the "
                 "throughput ratio on a core of its own, unaffected by other load on the "
                 "machine); generator_cpu: wrk's CPU time / wall time",
+                f"at {report.TARGET_LEVEL} connections the ceiling runs again between "
+                "every two scenarios; each scenario's ratio_to_quart there is the median over "
+                "its runs of req/s / the mean of the ceiling runs just before and after it "
+                "(paired_ceiling_rps), which cancels the drift of a shared machine",
                 f"runs at >= {SATURATING} connections where the server got less than "
                 f"{MIN_UTIL:.0%} of its core are repeated (up to {p.retries} times) and the "
                 "best-served attempt kept, for every scenario alike",
