@@ -26,6 +26,7 @@ from anon_ticket.domain.ids import PaymentId, ServiceToken
 from anon_ticket.domain.messages import (
     AddPids,
     CacheClaim,
+    Claim,
     Claimed,
     ClaimStatus,
     FilterStats,
@@ -33,9 +34,10 @@ from anon_ticket.domain.messages import (
     Lookup,
     Presence,
     Publish,
+    Redeem,
     TicketEvent,
 )
-from anon_ticket.errors import AnonTicketError
+from anon_ticket.errors import AnonTicketError, Unavailable
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
 from supervisors.mailbox import Envelope, Mailbox
@@ -74,10 +76,11 @@ class Filter:
     name = "filter"
 
     def __init__(self, config: FilterConfig, mailbox: Mailbox[Any], metrics: Metrics,
-                 hub: Mailbox[Any] | None = None) -> None:
+                 hub: Mailbox[Any] | None = None, storage: Mailbox[Any] | None = None) -> None:
         self.config = config
         self.mailbox = mailbox
         self.hub = hub
+        self.storage = storage
         self.metrics = metrics
         self.bloom: BloomFilter | None = None
         # Values are tuples of atoms (expiry, token bytes, balance): CPython untracks them, so
@@ -102,6 +105,7 @@ class Filter:
             log.warning("no bloom filter: every redeem of an unknown id reaches storage")
         task_status.started()
         handlers = {
+            Redeem: self._redeem,
             Lookup: self._lookup,
             AddPids: self._add,
             CacheClaim: self._cache_claim,
@@ -109,27 +113,35 @@ class Filter:
             FilterStats: self._stats,
             Publish: self._publish,
         }
-        env: Envelope[Any]
-        async for env in self.mailbox.inbox:
-            handlers[type(env.msg)](env)
+        await self.mailbox.serve(lambda env: handlers[type(env.msg)](env))
 
-    def _lookup(self, env: Envelope[Any]) -> None:
-        pid: PaymentId = env.msg.pid
+    def _answer(self, pid: PaymentId) -> Presence | Claimed:
         key = pid.raw
         bloom = self.bloom
         if bloom is not None and key not in bloom:
             self._hint_negative.inc()
-            env.reply(Presence.ABSENT)
-            return
+            return Presence.ABSENT
         hit = self._cache.get(key)
         if hit is not None:
             if hit[0] > trio.current_time():
                 self._hint_cache_hit.inc()
-                env.reply(Claimed(ClaimStatus.ALREADY_CLAIMED, ServiceToken(hit[1]), hit[2]))
-                return
+                return Claimed(ClaimStatus.ALREADY_CLAIMED, ServiceToken(hit[1]), hit[2])
             del self._cache[key]
         self._hint_maybe.inc()
-        env.reply(Presence.MAYBE)
+        return Presence.MAYBE
+
+    def _lookup(self, env: Envelope[Any]) -> None:
+        env.reply(self._answer(env.msg.pid))
+
+    def _redeem(self, env: Envelope[Any]) -> None:
+        pid: PaymentId = env.msg.pid
+        answer = self._answer(pid)
+        if answer is not Presence.MAYBE:
+            env.reply(answer)
+        elif self.storage is None or not self.storage.serving:
+            env.fail(Unavailable("storage is not available", retry_after=1))
+        else:
+            self.storage.forward(Claim(pid), env)  # storage answers the requester
 
     def _add(self, env: Envelope[Any]) -> None:
         msg: AddPids = env.msg

@@ -102,11 +102,12 @@ class Hub:
             Replay: self._replay_events,
             HubStats: self._stats,
         }
-        env: Envelope[Any]
-        async for env in self.mailbox.inbox:
+        def handle(env: Envelope[Any]) -> None:
             handler = handlers.get(type(env.msg))
             if handler is not None:  # other poller notes are not for watchers
                 handler(env)
+
+        await self.mailbox.serve(handle)
 
     # --- subscriptions ----------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """The public listener: hypercorn (trio worker) + quart-trio, on TCP or a unix socket.
 
 Routes are those of the original anon-ticket (DESIGN §4) plus `/api/v1/info` and `/healthz`.
-No internal route is served here (I9). The redeem path asks the filter first (a Bloom negative
-answers 404 with no storage work; a cached claim answers `already_claimed`), then storage.
+No internal route is served here (I9). The redeem path asks the filter (a Bloom negative
+answers 404 with no storage work; a cached claim answers `already_claimed`), which forwards
+anything else to storage: the handler waits once.
 """
 
 from __future__ import annotations
@@ -23,14 +24,13 @@ from anon_ticket import __version__
 from anon_ticket.domain.address import network_of
 from anon_ticket.domain.ids import PaymentId, ServiceToken
 from anon_ticket.domain.messages import (
-    Claim,
     Claimed,
     Drain,
-    Lookup,
     LookupToken,
     PollerStatus,
     Presence,
     ReadTicketState,
+    Redeem,
     TicketState,
 )
 from anon_ticket.domain.watch import (
@@ -336,18 +336,15 @@ class Public:
                 if "pid" not in data:
                     raise InvalidInput("invalid request: missing field `pid`")
                 pid = PaymentId.parse(data["pid"])
-                hint = await filter_.ask(Lookup(pid), timeout)
-                if hint is Presence.ABSENT:
+                try:  # one wait: the filter answers, or storage does for it
+                    result: Claimed | Presence = await filter_.ask(Redeem(pid), timeout)
+                except NotFound:  # the Bloom filter said maybe; storage knows better
+                    metrics.redeem_bloom_db_miss.inc()
+                    raise
+                if result is Presence.ABSENT:
                     outcomes["not_found"].inc()
                     return json_error(404, NOT_FOUND)
-                if isinstance(hint, Claimed):
-                    result: Claimed = hint
-                else:
-                    try:
-                        result = await storage.ask(Claim(pid), timeout)
-                    except NotFound:
-                        metrics.redeem_bloom_db_miss.inc()
-                        raise
+                assert isinstance(result, Claimed)
             except AnonTicketError as exc:
                 outcomes[_outcome(exc)].inc()
                 return error_response(exc)

@@ -9,6 +9,7 @@ cancellation) abandons its slot, and the actor's reply to it is dropped quietly.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -219,6 +220,21 @@ class Mailbox(Generic[M]):
             self._send.send_nowait(envelope)
         except trio.WouldBlock:
             await self._send.send(envelope)
+
+    async def serve(self, handle: Callable[[Envelope[M]], None], drain: int = 256) -> None:
+        """Hand every envelope to `handle` (synchronous), in order, until cancelled.
+
+        What is already queued is handled in the same wake-up, up to `drain` envelopes, then
+        the actor yields: a receive per message would cost a scheduler round each."""
+        inbox = self.inbox
+        while True:
+            handle(await inbox.receive())
+            for _ in range(drain):
+                try:
+                    envelope = inbox.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                handle(envelope)
 
     def forward(self, msg: M, envelope: Envelope[Any]) -> None:
         """Pass `msg` on with `envelope`'s reply channel and deadline: the next actor answers."""

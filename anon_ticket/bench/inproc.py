@@ -16,7 +16,6 @@ same claims, for reference.
 from __future__ import annotations
 
 import gc
-import inspect
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -28,6 +27,7 @@ from typing import Any
 import trio
 
 from actors.filter import Filter, FilterConfig
+from actors.hub import Hub
 from actors.poller import CHUNK_TRANSFERS, chunks_at_block_boundaries
 from actors.storage import (
     CLAIM_READ,
@@ -57,15 +57,6 @@ from supervisors.supervisor import Backoff, ChildSpec, Strategy, Supervisor
 
 SECRET = b"b" * 32
 TIMEOUT = 60.0
-
-
-def _hub_factory() -> Any:
-    """The hub actor class, when the tree has one (the websocket work adds it)."""
-    try:
-        from actors import hub
-    except ImportError:
-        return None
-    return getattr(hub, "Hub", None)
 
 
 @dataclass
@@ -110,7 +101,6 @@ class Core:
     filter: Mailbox[Any]
     metrics: Metrics
     supervisor: Supervisor
-    has_hub: bool
 
 
 @asynccontextmanager
@@ -123,24 +113,18 @@ async def run_core(db_path: Path, *, batch_limit: int = 256, bloom_entries: int 
     scfg = StorageConfig(db_path, SECRET, db_path.parent / "token.secret",
                          batch_limit=batch_limit)
     fcfg = FilterConfig(db_path, bloom_entries, fp_rate, 60.0, 100_000)
-    hub_cls = _hub_factory()
-    hmb: Mailbox[Any] | None = Mailbox("hub", 65536) if hub_cls is not None else None
-    filter_kwargs: dict[str, Any] = {}
-    if hmb is not None and "hub" in inspect.signature(Filter).parameters:
-        filter_kwargs["hub"] = hmb
-
+    hmb: Mailbox[Any] = Mailbox("hub", 65536)
     children = [
         ChildSpec("storage", lambda: Storage(scfg, smb, fmb, metrics), smb),
-        ChildSpec("filter", lambda: Filter(fcfg, fmb, metrics, **filter_kwargs), fmb),
+        ChildSpec("filter", lambda: Filter(fcfg, fmb, metrics, hub=hmb, storage=smb), fmb),
+        ChildSpec("hub", lambda: Hub(hmb, metrics), hmb),
     ]
-    if hub_cls is not None and hmb is not None:
-        children.append(ChildSpec("hub", lambda: hub_cls(hmb, metrics), hmb))
     sup = Supervisor("bench-core", children, strategy=Strategy.REST_FOR_ONE, intensity=0,
                      period=60, backoff=Backoff(0.05, 0.2), grace=2)
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
         try:
-            yield Core(smb, fmb, metrics, sup, "hub" in filter_kwargs)
+            yield Core(smb, fmb, metrics, sup)
         finally:
             sup.request_stop("benchmark over")
 
@@ -253,7 +237,6 @@ class IngestRun:
     credited: int
     new_pids: int
     cursor: int | None
-    with_hub: bool
     gc: GcTime | None = None
 
     @property
@@ -299,9 +282,8 @@ async def _ingest(db_path: Path, transfers: list[Transfer], window_blocks: int) 
                 new += len(rec.new_pids)
                 cursor = rec.cursor
         seconds, cpu = trio.current_time() - started, time.process_time() - cpu
-        with_hub = core.has_hub
     return IngestRun(len(transfers), len(messages), seconds, cpu, credited, new, cursor,
-                     with_hub, gct)
+                     gct)
 
 
 def ingest(db_path: Path, transfers: list[Transfer], *, window_blocks: int = 1000) -> IngestRun:
@@ -334,7 +316,7 @@ def raw_ingest(db_path: Path, transfers: list[Transfer], *,
     finally:
         conn.close()
     return IngestRun(len(transfers), len(messages), seconds, cpu, credited, credited,
-                     messages[-1].cursor if messages else None, False)
+                     messages[-1].cursor if messages else None)
 
 
 def expected_outcome(run: ClaimRun) -> bool:

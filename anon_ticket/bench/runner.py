@@ -694,8 +694,7 @@ class Bench:
             "window_blocks": 1000, "existing_tickets": p.unclaimed + p.claimed,
             "path": ("RecordTransfers chunks from the poller's chunks_at_block_boundaries, "
                      "each with its cursor, asked in turn; new PIDs go through the filter's "
-                     "acknowledgement" + ("; committed events to the hub" if run.with_hub
-                                          else "; no hub in this tree (no events)")),
+                     "acknowledgement; committed events to the hub"),
         }
 
     # --- memory and start-up ------------------------------------------------------------------

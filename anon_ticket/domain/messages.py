@@ -202,6 +202,15 @@ class Lookup:
     pid: PaymentId
 
 
+@dataclass(frozen=True, slots=True)
+class Redeem:
+    """A redeem through the filter: it answers a Bloom negative (Presence.ABSENT) and a cached
+    claim itself, and forwards anything else to storage as a `Claim`, which answers. The
+    requester waits once, however many actors the request passes."""
+
+    pid: PaymentId
+
+
 class Presence(Enum):
     ABSENT = "absent"  # Bloom negative: certainly never recorded
     MAYBE = "maybe"  # ask storage

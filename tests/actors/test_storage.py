@@ -258,6 +258,8 @@ async def test_a_reader_holding_the_log_delays_its_restart_but_no_claim(
         reader.execute("COMMIT")
         reader.close()
         await trio.sleep(1.1)  # the retry delay after a blocked RESTART
+        lengths = []
         for pid in pids:
             assert (await core.storage.ask(Claim(pid), 5)).status is ClaimStatus.SUCCESS
-        assert core.metrics.wal_pages._value.get() < 160  # started over once the reader left
+            lengths.append(core.metrics.wal_pages._value.get())
+        assert min(lengths) < 40 and max(lengths[-100:]) <= 170  # started over, bounded again
