@@ -5,9 +5,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+import trio
+
 from anon_ticket.domain.bloom import BloomFilter
 from anon_ticket.domain.ids import PaymentId
-from anon_ticket.domain.messages import FilterStats, Lookup, Presence, RecordTransfers, Transfer
+from anon_ticket.domain.messages import (
+    ClaimStatus,
+    FilterStats,
+    Lookup,
+    Presence,
+    RecordTransfers,
+    Redeem,
+    Transfer,
+)
+from anon_ticket.errors import Unavailable
 from tests.actors.core import run_core
 
 
@@ -34,3 +46,30 @@ async def test_without_bloom_every_lookup_is_maybe(tmp_path: Path) -> None:
     async with run_core(tmp_path, bloom_entries=0) as core:
         assert await core.filter.ask(Lookup(PaymentId.generate()), 5) is Presence.MAYBE
         assert (await core.filter.ask(FilterStats(), 5))["enabled"] is False
+
+
+async def test_a_redeem_waits_once_whoever_answers(tmp_path: Path) -> None:
+    async with run_core(tmp_path) as core:
+        pid = PaymentId.generate()
+        await core.pay(pid)
+        storage_claims = core.metrics.storage_requests.labels("claim")
+        # unknown: the Bloom filter answers, storage never hears of it
+        assert await core.filter.ask(Redeem(PaymentId.generate()), 5) is Presence.ABSENT
+        assert storage_claims._value.get() == 0
+        # recorded: forwarded to storage, whose answer reaches the requester directly
+        first = await core.filter.ask(Redeem(pid), 5)
+        assert first.status is ClaimStatus.SUCCESS and storage_claims._value.get() == 1
+        # a retry: the positive cache answers (storage filled it after COMMIT)
+        with trio.fail_after(5):
+            while (again := await core.filter.ask(Redeem(pid), 5)).status is not \
+                    ClaimStatus.ALREADY_CLAIMED:
+                await trio.sleep(0.01)
+        assert again.token == first.token and storage_claims._value.get() == 1
+        # storage not serving (restarting): a clear 503, not a request left hanging
+        other = PaymentId.generate()
+        await core.pay(other)
+        core.storage.serving = False
+        with pytest.raises(Unavailable):
+            await core.filter.ask(Redeem(other), 5)  # a Bloom maybe: only storage knows
+        core.storage.serving = True
+        assert (await core.filter.ask(Redeem(other), 5)).status is ClaimStatus.SUCCESS
