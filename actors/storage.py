@@ -527,7 +527,7 @@ class Storage:
             row = self._checkpoints.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
         except apsw.BusyError:
             return None
-        if row is None or (mode == "RESTART" and row[0] != 0):
-            return None
+        if row is None or (mode == "RESTART" and row[0] != 0) or row[2] < 0:
+            return None  # (-1: nothing could be checkpointed at all)
         return 0 if mode == "RESTART" else int(row[2])  # after a RESTART the log starts over
 

@@ -248,3 +248,21 @@ def test_websocket_load_holds_idle_subscribers_and_times_the_claimed_event(
     assert 0 < sent["p50"] <= sent["p99"] <= sent["max"] < 5000
     assert answered["p99"] <= sent["p99"]  # the response comes after the request was sent
     assert end == {"idle_closed_by_server": 0, "messages_to_idle": 0}
+
+
+def test_each_scenario_is_paired_with_the_ceiling_runs_around_it() -> None:
+    from anon_ticket.bench.runner import Cell, _pair_with_ceiling
+
+    def run(rps: float) -> wrk.WrkResult:  # 2 s runs; the server's CPU: 1 ms a request
+        return wrk.WrkResult(int(rps * 2), 2.0, 10, 20, 30, 12, 40, {"200": int(rps * 2)}, {})
+
+    sequence = [("quart_ceiling", run(100), 0.2), ("a", run(50), 0.1), ("b", run(60), 0.12),
+                ("quart_ceiling", run(200), 0.4), ("c", run(180), 0.36)]
+    cells = {name: Cell([r], [cpu]) for name, r, cpu in sequence}
+    _pair_with_ceiling(sequence, cells)
+    assert cells["a"].paired_rps == cells["b"].paired_rps == [150.0]  # between 100 and 200
+    assert cells["c"].paired_rps == [200.0]  # only one ceiling run after it: the one before
+    assert cells["quart_ceiling"].paired_rps == []
+    summary = cells["a"].summary(("200",))
+    assert summary["paired_ratio_to_quart"] == round(50 / 150, 3)
+    assert summary["paired_cpu_ratio_to_quart"] == 1.0  # the same CPU per request as it

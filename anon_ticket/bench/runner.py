@@ -49,13 +49,14 @@ class Plan:
     ws_idle: int = 1000  # idle websocket subscribers
     ws_reps: int = 2  # runs without and with them, alternating
     ws_fanout: int = 200  # claims timed from redeem to the `claimed` event
+    ingest_reps: int = 2  # ingestion runs of ours and of bare SQL, alternating
 
 
-QUICK = Plan("quick", levels=(1, 64), seconds={1: 1, 64: 2}, reps=1, unclaimed=40_000,
+QUICK = Plan("quick", levels=(64,), seconds={64: 2}, reps=1, unclaimed=40_000,
              claimed=5_000, warmup_s=1, storage_claims=5_000, storage_concurrency=256,
              storage_reps=1, ingest_transfers=20_000, big_pids=1_000_000,
              big_via_import=False, startup_runs=1, negatives=2000, tokens=2000, profile_s=4,
-             retries=1, ws_fanout=100)
+             retries=1, ws_fanout=100, ingest_reps=1)
 FULL = Plan("full", levels=(1, 16, 64, 256), seconds={1: 5, 16: 5, 64: 5, 256: 5}, reps=3,
             unclaimed=200_000, claimed=40_000, warmup_s=2, storage_claims=50_000,
             storage_concurrency=256, storage_reps=3, ingest_transfers=100_000,
@@ -528,40 +529,45 @@ class Bench:
         try:
             warm = self._file([_body(b) for b in data.pids("unknown", 2000)])
             self._drive(server, "POST", REDEEM, warm, 16, p.warmup_s)
-            for rep in range(p.ws_reps):
-                # none, idle, idle, none, ...: a drift over the run (the database and the
-                # heap grow with every claim) falls on both sides alike
-                for mode in (("none", "idle") if rep % 2 == 0 else ("idle", "none")):
-                    watch = None
-                    if mode == "idle":
+            # none, idle, idle, none, ...: a drift over the run (the database and the heap
+            # grow with every claim) falls on both sides alike; back-to-back idle runs share
+            # one subscriber process (1,000 connections take seconds to open).
+            modes = [m for rep in range(p.ws_reps)
+                     for m in (("none", "idle") if rep % 2 == 0 else ("idle", "none"))]
+            watch: procs.WatchLoad | None = None
+            try:
+                for i, mode in enumerate(modes):
+                    if mode == "none" and watch is not None:
+                        loads[-1].update(watch.quit())
+                        watch = None
+                    if mode == "idle" and watch is None:
                         fan = self._take_fresh(p.ws_fanout) if fanout is None else []
-                        fan_file = self.work / f"fanout-{rep}.txt"
+                        fan_file = self.work / f"fanout-{i}.txt"
                         fan_file.write_text("".join(f"{b.hex()}\n" for b in fan))
                         watch = procs.start_watchload(server.url, p.ws_idle, fan_file,
                                                       cpus=self.pinning.generator)
                         loads.append(watch.ready)
-                    try:
-                        take = self._take_fresh(int(guess * seconds * 1.5) + level + 100)
-                        lines = self._file([_body(b) for b in take])
-                        result, cpu = self._drive(server, "POST", REDEEM, lines, level, seconds)
-                        guess = max(guess, result.rps)
-                        if result.count_of(EXPECTED["new_claims"]) < 0.99 * result.requests:
-                            self.log(f"  warning: {result.counts} (fresh PIDs ran out?)")
-                        cells[mode].runs.append(result)
-                        cells[mode].server_cpu.append(cpu)
-                        self.log(f"  new claims c={level}, {p.ws_idle if watch else 0:>4} idle "
-                                 f"subscribers: {result.rps:7.0f} req/s  p50 "
-                                 f"{result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  "
-                                 f"server cpu {cpu / result.duration_s:.0%}")
-                        if watch is not None and fanout is None:
-                            fanout = watch.command("fanout", "fanout", timeout=120)
-                            f = fanout["from_send_ms"]
-                            self.log(f"  fan-out ({fanout['events']}/{fanout['claims']} events)"
-                                     f": redeem sent -> claimed event p50 {f['p50']} ms, "
-                                     f"p99 {f['p99']} ms")
-                    finally:
-                        if watch is not None:
-                            loads[-1].update(watch.quit())
+                    take = self._take_fresh(int(guess * seconds * 1.5) + level + 100)
+                    lines = self._file([_body(b) for b in take])
+                    result, cpu = self._drive(server, "POST", REDEEM, lines, level, seconds)
+                    guess = max(guess, result.rps)
+                    if result.count_of(EXPECTED["new_claims"]) < 0.99 * result.requests:
+                        self.log(f"  warning: {result.counts} (fresh PIDs ran out?)")
+                    cells[mode].runs.append(result)
+                    cells[mode].server_cpu.append(cpu)
+                    self.log(f"  new claims c={level}, {p.ws_idle if watch else 0:>4} idle "
+                             f"subscribers: {result.rps:7.0f} req/s  p50 "
+                             f"{result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  "
+                             f"server cpu {cpu / result.duration_s:.0%}")
+                    if watch is not None and fanout is None:
+                        fanout = watch.command("fanout", "fanout", timeout=120)
+                        f = fanout["from_send_ms"]
+                        self.log(f"  fan-out ({fanout['events']}/{fanout['claims']} events)"
+                                 f": redeem sent -> claimed event p50 {f['p50']} ms, "
+                                 f"p99 {f['p99']} ms")
+            finally:
+                if watch is not None:
+                    loads[-1].update(watch.quit())
         finally:
             server.stop()
         none = cells["none"].summary(EXPECTED["new_claims"])
@@ -663,7 +669,7 @@ class Bench:
         # the better run of each side counts (the one least disturbed on a shared machine).
         ours: list[inproc.IngestRun] = []
         raw: list[inproc.IngestRun] = []
-        for rep in range(2):
+        for rep in range(p.ingest_reps):
             for side, runs, fn in (("ours", ours, inproc.ingest),
                                    ("raw", raw, inproc.raw_ingest)):
                 db = self.work / f"ingest-{side}-{rep}" / "anon-ticket.db"
@@ -771,7 +777,10 @@ class Bench:
             "loadavg_at_start": _loadavg(),
             "calibration": _calibrate(),
         }
+        timings = self.report["meta"]["section_seconds"] = {}
+        mark = time.perf_counter()
         legacy, data_dir, base = self.prepare()
+        timings["prepare"] = round(time.perf_counter() - mark, 1)
         sections: dict[str, Callable[[], None]] = {
             "http": lambda: self.http(legacy, data_dir),
             "websocket": lambda: self.websocket(data_dir),
@@ -785,11 +794,13 @@ class Bench:
                 self.report[name] = {"status": "not run (--only)"}
                 continue
             self.log(f"== {name}")
+            mark = time.perf_counter()
             try:
                 section()
             except Exception as exc:  # one broken section must not lose the others
                 self.log(f"  {name} failed: {type(exc).__name__}: {exc}")
                 self.report[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            timings[name] = round(time.perf_counter() - mark, 1)
         if "profile" not in self.report:
             self.report["profile"] = {"status": "not run (pass --profile DIR)"}
         self.report["meta"]["duration_s"] = round(time.perf_counter() - started, 1)
@@ -821,8 +832,6 @@ def run(mode: str, out: Path | None, profile_dir: Path | None, keep: bool = Fals
         result = Bench(plan, work_root, say, profile_dir).run(only)
     finally:
         if not keep:
-            import shutil
-
             shutil.rmtree(work_root, ignore_errors=True)
         else:
             say(f"work directory kept: {work_root}")
