@@ -51,6 +51,7 @@ from anon_ticket.errors import AnonTicketError, InvalidInput, NotFound, Unavaila
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
 from anon_ticket.web import (
+    App,
     describe_socket,
     error_response,
     install_error_handlers,
@@ -316,7 +317,7 @@ class Public:
     # --- the app ----------------------------------------------------------------------------
 
     def create_app(self) -> QuartTrio:
-        app = QuartTrio("anon_ticket.public")
+        app = App("anon_ticket.public")
         app.config["MAX_CONTENT_LENGTH"] = self.config.max_body_bytes
         install_error_handlers(app)
         cfg = self.config

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import socket
 import stat
@@ -23,7 +24,9 @@ import trio
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve as hyper_serve
 from quart import Response
+from quart.asgi import ASGIHTTPConnection
 from quart_trio import QuartTrio
+from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException
 
 from anon_ticket.errors import (
@@ -51,6 +54,42 @@ _HTTP_TEXT = {
     415: "unsupported media type",
     431: "request header fields too large",
 }
+
+
+class _HTTPConnection(TrioASGIHTTPConnection):
+    """quart-trio's HTTP connection, minus a race that left keep-alive connections unwatched.
+
+    Once the response is complete hypercorn tells the app `http.disconnect` and, in the same
+    call chain, starts the connection's keep-alive timer. quart-trio's message task cancelled
+    the request task on that disconnect, which cancelled the timer's start: idle keep-alive
+    connections were then never closed, neither after `keep_alive_timeout` nor at shutdown
+    (a stop waited out the whole grace period for one idle client). A disconnect before the
+    response still cancels the handler, as before.
+    """
+
+    _responding = False
+
+    async def handle_messages(  # type: ignore[override]
+            self, nursery: trio.Nursery, request: Any, receive: Any) -> None:
+        await ASGIHTTPConnection.handle_messages(self, request, receive)
+        if not self._responding:
+            nursery.cancel_scope.cancel()
+
+    async def handle_request(  # type: ignore[override]
+            self, nursery: trio.Nursery, request: Any, send: Any) -> None:
+        response = await self.app.handle_request(request)
+        timeout = (response.timeout if isinstance(response, Response)
+                   and response.timeout is not Ellipsis else self.app.config["RESPONSE_TIMEOUT"])
+        self._responding = True
+        with trio.move_on_after(math.inf if timeout is None else timeout):
+            await self._send_response(send, response)
+        nursery.cancel_scope.cancel()
+
+
+class App(QuartTrio):
+    """QuartTrio with the connection class above."""
+
+    asgi_http_class = _HTTPConnection
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None

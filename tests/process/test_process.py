@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -305,4 +306,30 @@ def test_drain_then_shutdown_with_redeems_in_flight(tmp_path: Path) -> None:
                 body = client.post("/api/v1/redeem", json={"pid": pid}).json()
                 assert (body["status"], body["service_token"]) == ("already_claimed", token)
     finally:
+        server.stop()
+
+
+def test_idle_keep_alive_clients_do_not_hold_up_a_stop(tmp_path: Path) -> None:
+    # A reverse proxy keeps idle keep-alive connections open: SIGTERM must still stop the
+    # server at once (it waited out the whole 10 s grace with quart-trio's connection class).
+    server = start_server(tmp_path / "data")
+    public = socket.create_connection(("127.0.0.1", server.port))
+    internal = socket.socket(socket.AF_UNIX)
+    internal.connect(str(server.internal_socket))
+    try:
+        for sock in (public, internal):
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                         if sock is public else
+                         b"GET /admin/status HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")  # now idle, kept alive
+        started = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert server.wait_exit(timeout=8) == 0
+        assert time.monotonic() - started < 5
+        public.settimeout(5)
+        while public.recv(65536):  # the rest of the response, then the server's close
+            pass
+    finally:
+        public.close()
+        internal.close()
         server.stop()
