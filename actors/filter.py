@@ -7,6 +7,8 @@
   filter. Additions come from storage after COMMIT and are acknowledged to the requester.
 - Cache: the `already_claimed` answer (token, balance) of recently claimed ids, filled and
   invalidated by storage in commit order; bounded in size and age.
+- Redeem: a Bloom negative or a cached claim is answered here; anything else is forwarded to
+  storage as a `Claim`, and storage answers the requester, who waits once.
 """
 
 from __future__ import annotations
