@@ -22,12 +22,14 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config as HyperConfig
+from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio import serve as hyper_serve
 from quart import Response
 from quart.asgi import ASGIHTTPConnection
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException
+from wsproto.events import Ping
 
 from anon_ticket.errors import (
     AnonTicketError,
@@ -84,6 +86,24 @@ class _HTTPConnection(TrioASGIHTTPConnection):
         with trio.move_on_after(math.inf if timeout is None else timeout):
             await self._send_response(send, response)
         nursery.cancel_scope.cancel()
+
+
+async def _send_pings(self: Any) -> None:
+    """hypercorn 0.18's websocket keepalive loop, but it notices a closed stream within a
+    second: the original sleeps a whole ping interval (20 s) first, and the connection, and
+    so a graceful stop, waits for it. With watchers connected, every stop waited out the
+    whole grace period."""
+    interval = self.config.websocket_ping_interval
+    while not self.closed:
+        await self._send_wsproto_event(Ping())
+        waited = 0.0
+        while not self.closed and waited < interval:
+            step = min(1.0, interval - waited)
+            await self.context.sleep(step)
+            waited += step
+
+
+WSStream._send_pings = _send_pings  # type: ignore[method-assign]  # hypercorn pinned at 0.18.0
 
 
 class App(QuartTrio):

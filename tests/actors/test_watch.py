@@ -321,3 +321,21 @@ async def test_a_watcher_that_stops_reading_is_closed_and_slows_nothing(
             with trio.fail_after(10):
                 while (await recv(healthy))["type"] != "pong":
                     pass
+
+
+async def test_a_stop_with_watchers_does_not_wait_out_the_grace(tmp_path: Path) -> None:
+    # The keepalive task of a websocket slept a whole ping interval (20 s) before it saw its
+    # stream closed, and a graceful stop waited for it: every stop with watchers took the
+    # full grace period (10 s here).
+    async with running_server(tmp_path, grace_secs=10) as srv:
+        async with watcher(srv) as gone:  # one that left before the stop
+            await send(gone, op="subscribe", pid=PaymentId.generate().hex())
+            assert (await recv(gone))["type"] == "state"
+        async with watcher(srv) as ws:
+            await send(ws, op="subscribe", pid=PaymentId.generate().hex())
+            assert (await recv(ws))["type"] == "state"
+            started = trio.current_time()
+            srv.tree.root.request_stop("test")
+            with pytest.raises(ConnectionClosed):
+                await recv(ws)  # closed by the server (1001), not left open
+    assert trio.current_time() - started < 5
