@@ -8,8 +8,9 @@ measures the storage actor alone (group commit vs one transaction a claim vs raw
 ingestion through the record-transfers path, and memory and start-up with 1M recorded PIDs;
 then writes a JSON report (every figure, ratios, targets, pass/fail) and prints a table.
 
-`--quick` keeps under a minute (two connection levels, short runs, small databases; the 1M
-database is written by bulk SQL instead of the import); the full run takes about ten minutes.
+`--quick` is a smoke test of a minute or two (64 connections only, 2 s runs, small databases;
+the 1M database is written by bulk SQL instead of the import); the full run (four connection
+levels, three repetitions of 5 s runs) takes about twenty minutes on a slow day.
 `--profile DIR` also samples the server with py-spy (when installed) during the redeem and
 token paths and summarises where the time goes.
 """
@@ -27,7 +28,7 @@ SECTIONS = ("http", "websocket", "storage", "ingestion", "memory_startup")
 
 def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
-                   help="a run of under a minute: fewer connection levels, shorter runs, "
+                   help="a smoke test of a minute or two: 64 connections only, shorter runs, "
                         "smaller databases")
     p.add_argument("--out", metavar="REPORT.json", help="write the JSON report here")
     p.add_argument("--profile", metavar="DIR",
