@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import trio
 import trio.testing
@@ -122,3 +124,28 @@ async def test_an_answer_that_comes_before_the_requester_parks_is_kept() -> None
             async with trio.open_nursery() as n:
                 n.start_soon(actor)
                 assert await mb.ask("quick", 5) == "QUICK"
+
+
+async def test_serve_handles_what_is_queued_in_order_and_then_yields() -> None:
+    box: Mailbox[int] = Mailbox("t", 1000)
+    box.serving = True
+    for i in range(300):
+        box.tell(i)
+    seen: list[int] = []
+    wakeups: list[int] = []  # how many were handled each time another task got to run
+
+    async def other() -> None:
+        while len(seen) < 300:
+            wakeups.append(len(seen))
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(box.serve, lambda env: seen.append(env.msg), 100)
+        nursery.start_soon(other)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert seen == list(range(300))
+    # many a wake-up (no scheduler round per message), at most 1 + 100 (the others run)
+    per_wakeup = [b - a for a, b in itertools.pairwise(wakeups)]
+    assert 50 < max(per_wakeup) <= 101
+    assert len(set(wakeups)) >= 3
