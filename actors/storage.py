@@ -354,21 +354,17 @@ class Storage:
         events: list[TicketEvent] = []
         credited = 0
         one = self._one
-        assert self._cur is not None
-        execute = self._cur.execute  # the hot loop of a catch-up: no wrapper per statement
         for t in msg.transfers:
             raw = t.pid.raw
-            rows = execute(TRANSFER_READ, (t.txid, raw)).fetchall()  # done: no read left open
-            row = rows[0] if rows else None
+            row = one(TRANSFER_READ, (t.txid, raw))
             if row is not None and row[1] is None:
                 if row[0] != t.height:  # re-mined at another height after a reorg
                     one("UPDATE transfers SET height = ? WHERE txid = ? AND pid = ?",
                         (t.height, t.txid, raw))
                 continue  # credited already (I1)
-            # Unpacking the one RETURNING row runs the statement to completion.
-            (balance, token_raw, revoked_at, seq), = execute(CREDIT, (raw, t.amount, now))
+            balance, token_raw, revoked_at, seq = one(CREDIT, (raw, t.amount, now))
             if row is None:
-                execute(TRANSFER_INSERT, (t.txid, raw, t.amount, t.height, now))
+                one(TRANSFER_INSERT, (t.txid, raw, t.amount, t.height, now))
             else:  # vanished in a reorg, now back
                 one("UPDATE transfers SET vanished_at = NULL, height = ?, amount = ? "
                     "WHERE txid = ? AND pid = ?", (t.height, t.amount, t.txid, raw))
