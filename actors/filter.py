@@ -78,7 +78,7 @@ class Filter:
     name = "filter"
 
     def __init__(self, config: FilterConfig, mailbox: Mailbox[Any], metrics: Metrics,
-                 hub: Mailbox[Any] | None = None, storage: Mailbox[Any] | None = None) -> None:
+                 storage: Mailbox[Any], hub: Mailbox[Any] | None = None) -> None:
         self.config = config
         self.mailbox = mailbox
         self.hub = hub
@@ -140,7 +140,7 @@ class Filter:
         answer = self._answer(pid)
         if answer is not Presence.MAYBE:
             env.reply(answer)
-        elif self.storage is None or not self.storage.serving:
+        elif not self.storage.serving:
             env.fail(Unavailable("storage is not available", retry_after=1))
         else:
             self.storage.forward(Claim(pid), env)  # storage answers the requester

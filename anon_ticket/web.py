@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import math
 import os
 import socket
 import stat
@@ -77,15 +76,9 @@ class _HTTPConnection(TrioASGIHTTPConnection):
         if not self._responding:
             nursery.cancel_scope.cancel()
 
-    async def handle_request(  # type: ignore[override]
-            self, nursery: trio.Nursery, request: Any, send: Any) -> None:
-        response = await self.app.handle_request(request)
-        timeout = (response.timeout if isinstance(response, Response)
-                   and response.timeout is not Ellipsis else self.app.config["RESPONSE_TIMEOUT"])
-        self._responding = True
-        with trio.move_on_after(math.inf if timeout is None else timeout):
-            await self._send_response(send, response)
-        nursery.cancel_scope.cancel()
+    async def _send_response(self, send: Any, response: Any) -> None:
+        self._responding = True  # from here on the request task ends by itself
+        await super()._send_response(send, response)
 
 
 async def _send_pings(self: Any) -> None:

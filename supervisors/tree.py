@@ -156,8 +156,8 @@ def build_tree(settings: Settings, secret: bytes, *,
         lambda: Supervisor("core", [
             ChildSpec("storage", lambda: storage_factory(
                 storage_cfg, mb.storage, mb.filter, metrics, on_open=on_open), mb.storage),
-            ChildSpec("filter", lambda: Filter(filter_cfg, mb.filter, metrics, hub=mb.hub,
-                                               storage=mb.storage), mb.filter),
+            ChildSpec("filter", lambda: Filter(filter_cfg, mb.filter, metrics, mb.storage,
+                                               hub=mb.hub), mb.filter),
         ], strategy=Strategy.REST_FOR_ONE, **limits),  # type: ignore[arg-type]
         status=_nested_status,
     )

@@ -116,7 +116,7 @@ async def run_core(db_path: Path, *, batch_limit: int = 256, bloom_entries: int 
     hmb: Mailbox[Any] = Mailbox("hub", 65536)
     children = [
         ChildSpec("storage", lambda: Storage(scfg, smb, fmb, metrics), smb),
-        ChildSpec("filter", lambda: Filter(fcfg, fmb, metrics, hub=hmb, storage=smb), fmb),
+        ChildSpec("filter", lambda: Filter(fcfg, fmb, metrics, smb, hub=hmb), fmb),
         ChildSpec("hub", lambda: Hub(hmb, metrics), hmb),
     ]
     sup = Supervisor("bench-core", children, strategy=Strategy.REST_FOR_ONE, intensity=0,

@@ -51,7 +51,7 @@ async def run_core(tmp_path: Path, *, on_open: Callable[[apsw.Connection], None]
     sup = Supervisor("core", [
         ChildSpec("storage", lambda: storage_factory(scfg, smb, fmb, metrics, on_open=on_open),
                   smb),
-        ChildSpec("filter", lambda: Filter(fcfg, fmb, metrics, storage=smb), fmb),
+        ChildSpec("filter", lambda: Filter(fcfg, fmb, metrics, smb), fmb),
     ], strategy=Strategy.REST_FOR_ONE, intensity=intensity, period=30,
         backoff=Backoff(0.05, 0.2), grace=1)
     async with trio.open_nursery() as nursery:
