@@ -90,6 +90,8 @@ CHECKPOINT_WAL_PAGES = 2000
 # steady writes rarely allow, the storage actor bounds it with a RESTART checkpoint between two
 # batches (its connection idle, requests waiting in the mailbox for those milliseconds).
 RESTART_WAL_PAGES = 8 * CHECKPOINT_WAL_PAGES
+# A RESTART that a reader held up (a backup, say) is tried again after this many seconds.
+RESTART_RETRY_SECS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -509,7 +511,7 @@ class Storage:
             done = await trio.to_thread.run_sync(self._checkpoint, "RESTART")
         self.metrics.wal_checkpoints.labels("restart").inc()
         if done is None:  # a reader (a backup, say) still uses the log: later
-            self._restart_after = trio.current_time() + 1.0
+            self._restart_after = trio.current_time() + RESTART_RETRY_SECS
         else:
             self._wal_pages = self._wal_copied = 0
 

@@ -51,7 +51,7 @@ def test_no_false_negatives(keys: list[bytes], seed: int, entries: int, fp_rate:
 
 @settings(max_examples=100, deadline=None)
 @given(
-    keys=st.lists(st.binary(min_size=1, max_size=16), max_size=50),
+    keys=st.lists(st.binary(min_size=0, max_size=16), max_size=50),
     seed=SEEDS,
     bits=st.integers(min_value=1, max_value=5000),
     hashes=st.integers(min_value=1, max_value=30),
@@ -61,22 +61,11 @@ def test_bits_follow_documented_double_hashing(keys: list[bytes], seed: int, bit
     bf = BloomFilter(bits, hashes, seed)
     for key in keys:
         bf.add(key)
-    assert bf.to_bytes() == reference_bytes(keys, bits, hashes, seed)
-
-
-@settings(max_examples=100, deadline=None)
-@given(
-    keys=st.lists(st.binary(min_size=0, max_size=16), max_size=300, unique=True),
-    seed=SEEDS,
-    bits=st.integers(min_value=1, max_value=5000),
-    hashes=st.integers(min_value=1, max_value=30),
-)
-def test_add_many_sets_the_same_bits_as_add(keys: list[bytes], seed: int, bits: int,
-                                            hashes: int) -> None:
+    expected = reference_bytes(keys, bits, hashes, seed)
+    assert bf.to_bytes() == expected
     bulk = BloomFilter(bits, hashes, seed)
-    bulk.add_many(iter(keys))  # any iterable, consumed once
-    assert bulk.to_bytes() == reference_bytes(keys, bits, hashes, seed)
-    assert all(key in bulk for key in keys)
+    bulk.add_many(iter(keys))  # vectorized; any iterable, consumed once
+    assert bulk.to_bytes() == expected
 
 
 def test_add_many_over_several_steps_matches_add() -> None:
