@@ -93,7 +93,8 @@ def m003_transfers_by_pid_and_height(db: Database) -> None:
     The recent-window query of every poller tick (`height > ?`) scanned the whole table; and
     keyed by a random txid plus a pid index, each new transfer dirtied pages in two random
     B-trees. Now the key serves the per-ticket queries (claims, credits) by itself and the
-    height index grows at its right edge, as the chain does.
+    height index grows at its right edge, as the chain does. Spelled out rather than
+    sqlite-utils' `transform()`, which rebuilds the table without `WITHOUT ROWID`.
     """
     db.executescript(
         """

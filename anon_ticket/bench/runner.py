@@ -130,6 +130,11 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _cpu_us(cpu_s: float, run: WrkResult) -> float | None:
+    """The server's CPU microseconds per completed request of one run."""
+    return cpu_s / run.requests * 1e6 if run.requests else None
+
+
 @dataclass
 class Cell:
     runs: list[WrkResult] = field(default_factory=list)
@@ -147,16 +152,15 @@ class Cell:
         rps = med([r.rps for r in runs])
         p50 = med([r.p50_ms for r in runs])
         p99 = med([r.p99_ms for r in runs])
-        cpu_per_req = [cpu / r.requests * 1e6 for cpu, r in zip(self.server_cpu, runs,
-                                                                 strict=True) if r.requests]
+        per_run = [_cpu_us(cpu, r) for cpu, r in zip(self.server_cpu, runs, strict=True)]
+        cpu_per_req = [c for c in per_run if c]
         paired: dict[str, Any] = {}
         if self.paired_rps:
             paired["paired_ratio_to_quart"] = round(med(
                 [r.rps / q for r, q in zip(runs, self.paired_rps, strict=True) if q]), 3)
             paired["paired_ceiling_rps"] = [round(q, 1) for q in self.paired_rps]
-        cpu_pairs = [q / (cpu / r.requests * 1e6) for cpu, r, q in
-                     zip(self.server_cpu, runs, self.paired_cpu_us, strict=False)
-                     if r.requests and cpu > 0 and q]
+        cpu_pairs = [q / c for c, q in zip(per_run, self.paired_cpu_us, strict=False)
+                     if c and q]
         if cpu_pairs:
             paired["paired_cpu_ratio_to_quart"] = round(med(cpu_pairs), 3)
         return {
@@ -195,7 +199,7 @@ def _pair_with_ceiling(sequence: list[tuple[str, WrkResult, float]],
         after = [j for j in ceiling if j > i][:1]
         near = [sequence[j] for j in before + after]
         cells[name].paired_rps.append(statistics.fmean(r.rps for _, r, _ in near))
-        cpu_us = [c / r.requests * 1e6 for _, r, c in near if r.requests]
+        cpu_us = [c for _, r, cpu in near if (c := _cpu_us(cpu, r))]
         cells[name].paired_cpu_us.append(statistics.fmean(cpu_us) if cpu_us else 0.0)
 
 
