@@ -141,6 +141,8 @@ class Filter:
         if answer is not Presence.MAYBE:
             env.reply(answer)
         elif not self.storage.serving:
+            # A request fails at once on a restarting actor, as `ask` would; `forward` itself
+            # queues (storage's AddPids must reach a restarting filter, events and all).
             env.fail(Unavailable("storage is not available", retry_after=1))
         else:
             self.storage.forward(Claim(pid), env)  # storage answers the requester
