@@ -77,7 +77,7 @@ def test_m003_keeps_every_transfer_and_indexes_the_reorg_window(tmp_path: Path) 
     conn.executemany("INSERT INTO transfers VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
     conn.close()
 
-    assert schema.migrate(db) == ["m003_transfers_by_pid_and_height"]
+    assert schema.migrate(db)[0] == "m003_transfers_by_pid_and_height"
     conn = sqlite3.connect(db)
     kept = conn.execute("SELECT txid, pid, amount, height, recorded_at, vanished_at, source "
                         "FROM transfers ORDER BY height").fetchall()
@@ -88,3 +88,38 @@ def test_m003_keeps_every_transfer_and_indexes_the_reorg_window(tmp_path: Path) 
     with pytest.raises(sqlite3.IntegrityError):  # still one row per (txid, pid): I1
         conn.execute("INSERT INTO transfers (txid, pid, amount, height, recorded_at) "
                      "VALUES (?, ?, 1, 1, 't')", (rows[0][0], rows[0][1]))
+
+
+def test_m004_keeps_every_ticket_and_tokens_unique_without_indexing_unclaimed(
+        tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    schema.migrations.apply(Database(conn), stop_before="m004_token_index_without_unclaimed")
+    tickets: list[tuple[object, ...]] = [
+        (bytes([i + 1]) * 8, 10 * i, f"c{i}", None, None, None, None, 0, i) for i in range(6)]
+    tickets[1] = (tickets[1][0], 20, "c1", b"t" * 32, "at1", None, None, 0, 3)
+    tickets[2] = (tickets[2][0], 30, "c2", b"u" * 32, "at2", "rv2", "abuse", 7, 5)
+    conn.executemany("INSERT INTO tickets (pid, amount, created_at, token, claimed_at, "
+                     "revoked_at, revoke_reason, abuse_score, seq) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", tickets)
+    conn.execute("INSERT INTO transfers (txid, pid, amount, height, recorded_at) "
+                 "VALUES (?, ?, 5, 1, 't')", (b"x" * 32, tickets[1][0]))
+    conn.close()
+
+    assert schema.migrate(db) == ["m004_token_index_without_unclaimed"]
+    conn = sqlite3.connect(db)
+    kept = conn.execute("SELECT pid, amount, created_at, token, claimed_at, revoked_at, "
+                        "revoke_reason, abuse_score, seq FROM tickets ORDER BY pid").fetchall()
+    assert kept == tickets
+    assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    # One index on tickets besides the key: the token's, partial (claimed tickets only)...
+    indexes = [(r[1], r[2], r[4]) for r in conn.execute("PRAGMA index_list(tickets)")
+               if r[3] != "pk"]
+    assert indexes == [("tickets_by_token", 1, 1)]  # (name, unique, partial)
+    plan = conn.execute("EXPLAIN QUERY PLAN SELECT pid FROM tickets WHERE token = ?",
+                        (b"t" * 32,)).fetchall()
+    assert "tickets_by_token" in plan[0][-1]  # ...which still serves lookups by token
+    with pytest.raises(sqlite3.IntegrityError):  # and a token is still one ticket's
+        conn.execute("UPDATE tickets SET token = ?, claimed_at = 'x' WHERE pid = ?",
+                     (b"t" * 32, tickets[3][0]))
