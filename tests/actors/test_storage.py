@@ -156,7 +156,8 @@ async def test_one_failing_request_does_not_sink_its_batch(tmp_path: Path) -> No
         with pytest.raises(NotFound):
             await core.storage.ask(Claim(half), 5)
     conn = apsw.Connection(str(tmp_path / "anon-ticket.db"))
-    assert conn.execute("SELECT count(*) FROM tickets WHERE pid = ?", (half.raw,)).fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM tickets WHERE pid = ?",
+                        (half.raw,)).fetchone() == (0,)
     assert conn.execute("SELECT count(*) FROM transfers WHERE pid = ?",
                         (half.raw,)).fetchone() == (0,)
 
