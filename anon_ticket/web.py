@@ -82,21 +82,33 @@ class _HTTPConnection(TrioASGIHTTPConnection):
 
 
 async def _send_pings(self: Any) -> None:
-    """hypercorn 0.18's websocket keepalive loop, but it notices a closed stream within a
-    second: the original sleeps a whole ping interval (20 s) first, and the connection, and
-    so a graceful stop, waits for it. With watchers connected, every stop waited out the
-    whole grace period."""
-    interval = self.config.websocket_ping_interval
-    while not self.closed:
-        await self._send_wsproto_event(Ping())
-        waited = 0.0
-        while not self.closed and waited < interval:
-            step = min(1.0, interval - waited)
-            await self.context.sleep(step)
-            waited += step
+    """hypercorn 0.18's websocket keepalive loop, but it ends when its stream closes: the
+    original sleeps a whole ping interval (20 s) before it looks, and the connection, and so
+    a graceful stop, waits for it (every stop with watchers waited out the whole grace
+    period). Closing the stream cancels this scope (`_handle` below): an idle watcher costs
+    one wake-up per ping interval, nothing more."""
+    with trio.CancelScope() as self._ping_scope:
+        while not self.closed:
+            await self._send_wsproto_event(Ping())
+            await self.context.sleep(self.config.websocket_ping_interval)
 
 
-WSStream._send_pings = _send_pings  # type: ignore[method-assign]  # hypercorn pinned at 0.18.0
+_ws_handle = WSStream.handle
+
+
+async def _handle(self: Any, event: Any) -> None:
+    """Every path that closes a websocket stream goes through `handle`."""
+    try:
+        await _ws_handle(self, event)
+    finally:
+        scope = getattr(self, "_ping_scope", None)
+        if self.closed and scope is not None:
+            scope.cancel()
+
+
+# hypercorn pinned at 0.18.0
+WSStream._send_pings = _send_pings  # type: ignore[method-assign]
+WSStream.handle = _handle  # type: ignore[method-assign]
 
 
 class App(QuartTrio):

@@ -339,3 +339,32 @@ async def test_a_stop_with_watchers_does_not_wait_out_the_grace(tmp_path: Path) 
             with pytest.raises(ConnectionClosed):
                 await recv(ws)  # closed by the server (1001), not left open
     assert trio.current_time() - started < 5
+
+
+class _PingSteps(trio.abc.Instrument):
+    """Counts the steps of websocket keepalive tasks."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("_send_pings"):
+            self.steps += 1
+
+
+async def test_idle_watchers_cost_no_wakeups_between_pings(tmp_path: Path) -> None:
+    # The keepalive loop once woke every second per connection to look for its stream's
+    # close: 1,000 idle watchers were 1,000 wake-ups a second. It now sleeps the whole ping
+    # interval (20 s) and the close cancels it.
+    async with running_server(tmp_path) as srv, AsyncExitStack() as stack:
+        conns = [await stack.enter_async_context(watcher(srv)) for _ in range(10)]
+        for ws in conns:
+            await send(ws, op="subscribe", pid=PaymentId.generate().hex())
+            assert (await recv(ws))["type"] == "state"
+        counter = _PingSteps()
+        trio.lowlevel.add_instrument(counter)
+        try:
+            await trio.sleep(2.5)
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        assert counter.steps == 0
