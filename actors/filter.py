@@ -31,6 +31,7 @@ from anon_ticket.domain.messages import (
     Claim,
     Claimed,
     ClaimStatus,
+    Committed,
     FilterStats,
     Invalidate,
     Lookup,
@@ -110,10 +111,8 @@ class Filter:
             Redeem: self._redeem,
             Lookup: self._lookup,
             AddPids: self._add,
-            CacheClaim: self._cache_claim,
-            Invalidate: self._invalidate,
+            Committed: self._committed,
             FilterStats: self._stats,
-            Publish: self._publish,
         }
         await self.mailbox.serve(lambda env: handlers[type(env.msg)](env))
 
@@ -160,8 +159,21 @@ class Filter:
         if msg.events:
             self._to_hub(msg.events)
 
-    def _publish(self, env: Envelope[Any]) -> None:
-        self._to_hub(env.msg.events)
+    def _committed(self, env: Envelope[Any]) -> None:
+        """Storage's batch, in commit order: cache fills and invalidations here, the events
+        on to the hub in one message."""
+        events: list[TicketEvent] = []
+        for effect in env.msg.effects:
+            kind = type(effect)
+            if kind is CacheClaim:
+                self._cache_claim(effect)
+            elif kind is Invalidate:
+                for pid in effect.pids:
+                    self._cache.pop(pid.raw, None)
+            else:
+                events.extend(effect.events)
+        if events:
+            self._to_hub(tuple(events))
 
     def _to_hub(self, events: tuple[TicketEvent, ...]) -> None:
         """Committed events, in commit order; the hub never holds up this actor."""
@@ -172,8 +184,7 @@ class Filter:
         except AnonTicketError:
             self.metrics.alerts.labels("hub_mailbox_full").inc()
 
-    def _cache_claim(self, env: Envelope[Any]) -> None:
-        msg: CacheClaim = env.msg
+    def _cache_claim(self, msg: CacheClaim) -> None:
         if self.config.cache_ttl <= 0 or self.config.cache_capacity <= 0:
             return
         cache = self._cache
@@ -182,10 +193,6 @@ class Filter:
         cache.move_to_end(msg.pid.raw)
         while len(cache) > self.config.cache_capacity:
             cache.popitem(last=False)
-
-    def _invalidate(self, env: Envelope[Any]) -> None:
-        for pid in env.msg.pids:
-            self._cache.pop(pid.raw, None)
 
     def _stats(self, env: Envelope[Any]) -> None:
         bloom = self.bloom

@@ -36,6 +36,7 @@ from anon_ticket.domain.messages import (
     Claim,
     Claimed,
     ClaimStatus,
+    Committed,
     EventKind,
     Invalidate,
     ListSkipped,
@@ -227,14 +228,15 @@ class Storage:
                 for env in batch:
                     env.fail(Unavailable("storage is restarting"))
                 raise
-            for effect in effects:
-                if isinstance(effect, Invalidate | Publish):
-                    await self.filter.tell_wait(effect)  # must not be lost
-                else:
+            if effects:
+                committed = Committed(tuple(effects))
+                if all(type(e) is CacheClaim for e in effects):
                     try:
-                        self.filter.tell(effect)  # a cache fill may be dropped
+                        self.filter.tell(committed)  # cache fills alone may be dropped
                     except Unavailable:
                         pass
+                else:
+                    await self.filter.tell_wait(committed)  # must not be lost
             if self._wal_pages >= RESTART_WAL_PAGES and trio.current_time() >= self._restart_after:
                 await self._restart_log()
 
@@ -314,13 +316,16 @@ class Storage:
         # Committed: only now does anyone hear about it.
         self.metrics.batch_size.observe(len(group))
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
-        counters = self._counters
+        counts: dict[type, int] = {}
         for env, answer in answers:
-            counters[type(env.msg)].inc()
+            kind = type(env.msg)
+            counts[kind] = counts.get(kind, 0) + 1
             if isinstance(answer, _Forward):
                 self.filter.forward(answer.msg, env)
             else:
                 env.reply(answer)
+        for kind, n in counts.items():
+            self._counters[kind].inc(n)
         return effects
 
     # --- request handlers (inside the batch transaction) --------------------------------------

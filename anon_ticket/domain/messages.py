@@ -249,6 +249,14 @@ class Invalidate:
 
 
 @dataclass(frozen=True, slots=True)
+class Committed:
+    """What one batch of storage's transactions changed, in commit order: cache fills,
+    invalidations and events, in one message to the filter (not up to three a claim)."""
+
+    effects: tuple[CacheClaim | Invalidate | Publish, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class FilterStats:
     pass
 
