@@ -2,7 +2,9 @@
 
 Storage numbers each committed fact per ticket (`seq`, in commit order) and publishes it after
 COMMIT through the filter, so the hub sees a ticket's events in order. The hub keeps a small
-replay buffer per ticket for watchers that reconnect with `since`, and pushes into each
+replay buffer per ticket for watchers that reconnect with `since` (kept as tuples of plain
+values, which CPython's cyclic GC stops tracking: 50,000 tickets of event objects made every
+full collection walk them), and pushes into each
 watcher's bounded queue with `send_nowait` only: a watcher that does not keep up is marked
 slow and dropped (its connection closes it), and never holds up the hub, the poller or the
 claim path.
@@ -10,14 +12,16 @@ claim path.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
+from anon_ticket.domain.ids import PaymentId, ServiceToken
 from anon_ticket.domain.messages import (
     Confirmations,
+    EventKind,
     PaymentSeen,
     Publish,
     TicketEvent,
@@ -31,6 +35,19 @@ log = get_logger("hub")
 REPLAY_PER_TICKET = 64
 REPLAY_TICKETS = 50_000
 QUEUE = 2048  # a memory bound; a stopped reader is caught by the send timeout first
+
+# A replayable event: (kind, token or None, seq, epoch, fields); the ticket's pid is its key.
+Record = tuple[str, bytes | None, int, int, tuple[tuple[str, object], ...]]
+
+
+def _record(event: TicketEvent) -> Record:
+    token = event.token.raw if event.token is not None else None
+    return (event.kind.value, token, event.seq, event.epoch, event.fields)
+
+
+def _event(pid: bytes, r: Record) -> TicketEvent:
+    return TicketEvent(EventKind(r[0]), PaymentId(pid), ServiceToken(r[1]) if r[1] else None,
+                       r[2], r[3], r[4])
 
 
 @dataclass(eq=False)
@@ -87,7 +104,7 @@ class Hub:
         self.mailbox = mailbox
         self.metrics = metrics
         self._subs: dict[bytes, set[Watcher]] = {}
-        self._replay: OrderedDict[bytes, deque[TicketEvent]] = OrderedDict()
+        self._replay: OrderedDict[bytes, tuple[Record, ...]] = OrderedDict()
         self._slow = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -160,12 +177,12 @@ class Hub:
             pid = event.pid.raw
             buffer = self._replay.get(pid)
             if buffer is None:
-                buffer = self._replay[pid] = deque(maxlen=REPLAY_PER_TICKET)
+                self._replay[pid] = (_record(event),)
                 while len(self._replay) > REPLAY_TICKETS:
                     self._replay.popitem(last=False)
             else:
+                self._replay[pid] = (*buffer[1 - REPLAY_PER_TICKET:], _record(event))
                 self._replay.move_to_end(pid)
-            buffer.append(event)
             self._deliver(pid, ("event", pid, event))
             if event.token is not None:
                 self._deliver(event.token.raw, ("event", event.token.raw, event))
@@ -180,11 +197,11 @@ class Hub:
             env.reply(())
             return
         buffer = self._replay.get(msg.pid)
-        wanted = [e for e in buffer or () if msg.since < e.seq <= msg.upto]
+        wanted = [r for r in buffer or () if msg.since < r[2] <= msg.upto]
         if len(wanted) != msg.upto - msg.since:
             env.reply(None)  # not all of them are still here: a gap
             return
-        env.reply(tuple(wanted))
+        env.reply(tuple(_event(msg.pid, r) for r in wanted))
 
     def _stats(self, env: Envelope[Any]) -> None:
         env.reply({

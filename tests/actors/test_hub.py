@@ -1,0 +1,60 @@
+"""The hub's replay buffer, driven through its handlers (no loop needed: they are synchronous)."""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+from actors.hub import REPLAY_PER_TICKET, Hub, Replay
+from anon_ticket.domain.ids import PaymentId, ServiceToken
+from anon_ticket.domain.messages import EventKind, Publish, TicketEvent
+from anon_ticket.metrics import Metrics
+from supervisors.mailbox import Envelope, Mailbox
+
+
+class Slot:
+    def __init__(self) -> None:
+        self.value: Any = None
+
+    def put(self, value: object) -> None:
+        self.value = value
+
+
+def ask(handler: Any, msg: object) -> Any:
+    slot = Slot()
+    handler(Envelope(msg, slot, float("inf")))  # type: ignore[arg-type]
+    return slot.value
+
+
+def events(pid: PaymentId, token: ServiceToken, seqs: range) -> tuple[TicketEvent, ...]:
+    return tuple(TicketEvent(EventKind.TOPPED_UP if s > 1 else EventKind.CLAIMED, pid,
+                             token, s, 77, (("amount", s * 10), ("balance", s * 100)))
+                 for s in seqs)
+
+
+def test_replay_returns_the_events_published_and_says_gap_past_its_window() -> None:
+    hub = Hub(Mailbox("hub"), Metrics())
+    pid, token = PaymentId.generate(), ServiceToken(b"t" * 32)
+    published = events(pid, token, range(1, 101))
+    hub._publish(Envelope(Publish(published), None, float("inf")))
+    kept = published[-REPLAY_PER_TICKET:]
+    since = kept[0].seq - 1
+    assert ask(hub._replay_events, Replay(pid.raw, since, 100)) == kept
+    assert ask(hub._replay_events, Replay(pid.raw, 90, 95)) == published[90:95]
+    assert ask(hub._replay_events, Replay(pid.raw, since - 1, 100)) is None  # a gap
+    other = PaymentId.generate()
+    hub._publish(Envelope(Publish((TicketEvent(EventKind.PAYMENT_CONFIRMED, other, None, 1, 77,
+                                               (("amount", 5),)),)), None, float("inf")))
+    assert ask(hub._replay_events, Replay(other.raw, 0, 1))[0].token is None
+
+
+def test_the_replay_buffer_holds_nothing_the_cyclic_gc_must_walk() -> None:
+    # 50,000 tickets of event objects in the buffer made every full collection walk them.
+    hub = Hub(Mailbox("hub"), Metrics())
+    for _ in range(200):
+        pid = PaymentId.generate()
+        hub._publish(Envelope(Publish(events(pid, ServiceToken(pid.raw * 4), range(1, 4))),
+                              None, float("inf")))
+    for _ in range(4):  # a collection untracks one level of nested tuples
+        gc.collect()
+    assert not any(gc.is_tracked(buffer) for buffer in hub._replay.values())
