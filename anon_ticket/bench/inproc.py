@@ -123,10 +123,15 @@ async def run_core(db_path: Path, *, batch_limit: int = 256, bloom_entries: int 
                      period=60, backoff=Backoff(0.05, 0.2), grace=2)
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
+        # As the server does once its tree is up: what start-up built (every module, the
+        # Bloom filter) stays out of later collections. Without it each full collection walked
+        # some 60,000 objects, up to 90 ms here, and took a sixth of a claims run.
+        gc.freeze()
         try:
             yield Core(smb, fmb, metrics, sup)
         finally:
             sup.request_stop("benchmark over")
+            gc.unfreeze()
 
 
 def _batch_histogram(metrics: Metrics) -> dict[str, float]:
