@@ -160,8 +160,8 @@ class Filter:
             self._to_hub(msg.events)
 
     def _committed(self, env: Envelope[Any]) -> None:
-        """Storage's batch, in commit order: cache fills and invalidations here, the events
-        on to the hub in one message."""
+        """One storage transaction's effects, in order: cache fills and invalidations here,
+        the events on to the hub in one message."""
         events: list[TicketEvent] = []
         for effect in env.msg.effects:
             kind = type(effect)

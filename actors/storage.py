@@ -1,14 +1,15 @@
 """The storage actor: the only writer of the database (APSW, WAL, synchronous=NORMAL).
 
 Group commit: the actor drains what waits in its mailbox (up to `batch_limit`), drops requests
-whose deadline has passed, and runs the batch in order as few transactions as it can: every
+whose deadline has passed, and runs the batch in order in as few transactions as it can: every
 run of single-statement requests (claims, revocations, reads) in one, each request that writes
 more than one statement (a chunk of transfers, a reorg) in one of its own, rolled back alone
 should it fail halfway. A single statement is atomic by itself, so either way one failing
-request sinks no other. Only after its COMMIT does a transaction's requests get their replies
-and the filter hear what changed. If a transaction is lost (a failed COMMIT, or SQLite rolling
-it back on FULL/IOERR/NOMEM), every request in it gets a retryable error and nothing is replied
-as done.
+request sinks no other. Only after its COMMIT do a transaction's requests get their replies
+and the filter hear what changed (one message, before the next transaction runs, so what is
+committed reaches the filter and the hub in commit order). If a transaction is lost (a failed
+COMMIT, or SQLite rolling it back on FULL/IOERR/NOMEM), every request in it gets a retryable
+error and nothing is replied as done.
 
 The SQL runs inline on the trio loop: one batch costs tens of microseconds per request, far
 less than a thread round trip. What is slow (checkpoints, backups) runs on its own connection
@@ -174,7 +175,7 @@ class Storage:
         # single statement is atomic by itself (SQLite undoes a failed statement alone).
         self._multi_write = {RecordTransfers, MarkVanished}
         self._counters = {t: metrics.storage_requests.labels(k) for t, k in self._kinds.items()}
-        self._now = ""  # the batch's timestamp: one clock reading per transaction
+        self._now = ""  # the transaction's timestamp: one clock reading each
         self._checkpoint_wanted = trio.Event()
         self._wal_pages = 0  # the log's length after the last commit (from the WAL hook)
         self._wal_gauge = metrics.wal_pages
@@ -222,25 +223,20 @@ class Storage:
                 except trio.WouldBlock:
                     break
             try:
-                effects = self._run_batch(batch, nursery)
+                for group in self._transactions(self._live(batch, nursery)):
+                    effects = self._transaction(group)
+                    if effects:  # before the next transaction: nothing committed is lost
+                        await self._tell_filter(effects)
             except BaseException:
                 # A bug, not a database condition: nobody of this batch waits forever.
                 for env in batch:
                     env.fail(Unavailable("storage is restarting"))
                 raise
-            if effects:
-                committed = Committed(tuple(effects))
-                if all(type(e) is CacheClaim for e in effects):
-                    try:
-                        self.filter.tell(committed)  # cache fills alone may be dropped
-                    except Unavailable:
-                        pass
-                else:
-                    await self.filter.tell_wait(committed)  # must not be lost
             if self._wal_pages >= RESTART_WAL_PAGES and trio.current_time() >= self._restart_after:
                 await self._restart_log()
 
-    def _run_batch(self, batch: list[Envelope[Any]], nursery: trio.Nursery) -> list[Effect]:
+    def _live(self, batch: list[Envelope[Any]], nursery: trio.Nursery) -> list[Envelope[Any]]:
+        """The batch without requests past their deadline; backups start off the loop."""
         now = trio.current_time()
         live: list[Envelope[Any]] = []
         for env in batch:
@@ -251,10 +247,17 @@ class Storage:
                 nursery.start_soon(self._backup, env)
             else:
                 live.append(env)
-        effects: list[Effect] = []
-        for group in self._transactions(live):
-            effects.extend(self._transaction(group))
-        return effects
+        return live
+
+    async def _tell_filter(self, effects: list[Effect]) -> None:
+        committed = Committed(tuple(effects))
+        if all(type(e) is CacheClaim for e in effects):
+            try:
+                self.filter.tell(committed)  # cache fills alone may be dropped
+            except Unavailable:
+                pass
+        else:
+            await self.filter.tell_wait(committed)  # must not be lost
 
     def _transactions(self, live: list[Envelope[Any]]) -> Iterator[list[Envelope[Any]]]:
         """The batch in order, as transactions: each request that writes more than one
@@ -305,6 +308,7 @@ class Storage:
                     answers.append((env, answer))
                     effects.extend(more)
         except _Undo as undo:
+            self._counters[type(group[0].msg)].inc()
             group[0].reply(undo.answer)
             return []
         except apsw.Error as exc:
@@ -325,10 +329,12 @@ class Storage:
             else:
                 env.reply(answer)
         for kind, n in counts.items():
-            self._counters[kind].inc(n)
+            counter = self._counters.get(kind)
+            if counter is not None:  # (not for a message without a handler)
+                counter.inc(n)
         return effects
 
-    # --- request handlers (inside the batch transaction) --------------------------------------
+    # --- request handlers (inside a transaction) -----------------------------------------------
 
     def _one(self, sql: str, args: tuple[Any, ...]) -> Any:
         """The first row, with the statement run to completion: a half-stepped

@@ -39,10 +39,10 @@ class Metrics:
             "anon_ticket_storage_requests", "Requests handled by the storage actor", ["kind"],
             registry=r)
         self.batch_size = Histogram(
-            "anon_ticket_storage_batch_size", "Requests per group commit",
+            "anon_ticket_storage_batch_size", "Requests per storage transaction (group commit)",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
         self.commit_seconds = Histogram(
-            "anon_ticket_storage_commit_seconds", "Time to run and commit one batch",
+            "anon_ticket_storage_commit_seconds", "Time to run and commit one storage transaction",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=r)
         self.wal_checkpoints = Counter(
@@ -53,7 +53,7 @@ class Metrics:
             "anon_ticket_storage_wal_pages", "Pages in the write-ahead log after the last commit",
             registry=r)
         self.batches_failed = Counter(
-            "anon_ticket_storage_batches_failed", "Batches whose transaction was lost",
+            "anon_ticket_storage_batches_failed", "Storage transactions lost (a failed COMMIT)",
             registry=r)
         self.expired_dropped = Counter(
             "anon_ticket_storage_expired_dropped", "Requests dropped because their deadline passed",

@@ -250,8 +250,8 @@ class Invalidate:
 
 @dataclass(frozen=True, slots=True)
 class Committed:
-    """What one batch of storage's transactions changed, in commit order: cache fills,
-    invalidations and events, in one message to the filter (not up to three a claim)."""
+    """What one storage transaction changed, in order: cache fills, invalidations and
+    events, in one message to the filter (not up to three a claim)."""
 
     effects: tuple[CacheClaim | Invalidate | Publish, ...]
 

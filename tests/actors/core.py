@@ -1,4 +1,4 @@
-"""Run the real storage and filter actors in-process on a real SQLite file."""
+"""Run the real storage and filter actors (and the hub) in-process on a real SQLite file."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import apsw
 import trio
 
 from actors.filter import Filter, FilterConfig
+from actors.hub import Hub
 from actors.storage import Storage, StorageConfig
 from anon_ticket import schema
 from anon_ticket.domain.ids import PaymentId
@@ -29,6 +30,7 @@ class Core:
     metrics: Metrics
     supervisor: Supervisor
     db_path: Path
+    hub: Mailbox[Any]
 
     async def pay(self, pid: PaymentId, amount: int = 10**12, height: int = 100,
                   txid: bytes | None = None) -> Any:
@@ -48,13 +50,15 @@ async def run_core(tmp_path: Path, *, on_open: Callable[[apsw.Connection], None]
     fmb: Mailbox[Any] = Mailbox("filter", 65536)
     scfg = StorageConfig(db, b"s" * 32, tmp_path / "token.secret", batch_limit=batch_limit)
     fcfg = FilterConfig(db, bloom_entries, 1e-6, 60.0, 1000)
+    hmb: Mailbox[Any] = Mailbox("hub", 65536)
     sup = Supervisor("core", [
         ChildSpec("storage", lambda: storage_factory(scfg, smb, fmb, metrics, on_open=on_open),
                   smb),
-        ChildSpec("filter", lambda: Filter(fcfg, fmb, metrics, smb), fmb),
+        ChildSpec("filter", lambda: Filter(fcfg, fmb, metrics, smb, hub=hmb), fmb),
+        ChildSpec("hub", lambda: Hub(hmb, metrics), hmb),
     ], strategy=Strategy.REST_FOR_ONE, intensity=intensity, period=30,
         backoff=Backoff(0.05, 0.2), grace=1)
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
-        yield Core(smb, fmb, metrics, sup, db)
+        yield Core(smb, fmb, metrics, sup, db, hmb)
         sup.request_stop("test over")
