@@ -4,10 +4,9 @@ Storage numbers each committed fact per ticket (`seq`, in commit order) and publ
 COMMIT through the filter, so the hub sees a ticket's events in order. The hub keeps a small
 replay buffer per ticket for watchers that reconnect with `since` (kept as tuples of plain
 values, which CPython's cyclic GC stops tracking: 50,000 tickets of event objects made every
-full collection walk them), and pushes into each
-watcher's bounded queue with `send_nowait` only: a watcher that does not keep up is marked
-slow and dropped (its connection closes it), and never holds up the hub, the poller or the
-claim path.
+full collection walk them), and pushes into each watcher's bounded queue with `send_nowait`
+only: a watcher that does not keep up is marked slow and dropped (its connection closes it),
+and never holds up the hub, the poller or the claim path.
 """
 
 from __future__ import annotations
@@ -181,7 +180,7 @@ class Hub:
                 while len(self._replay) > REPLAY_TICKETS:
                     self._replay.popitem(last=False)
             else:
-                self._replay[pid] = (*buffer[1 - REPLAY_PER_TICKET:], _record(event))
+                self._replay[pid] = (*buffer, _record(event))[-REPLAY_PER_TICKET:]
                 self._replay.move_to_end(pid)
             self._deliver(pid, ("event", pid, event))
             if event.token is not None:

@@ -118,7 +118,6 @@ def m003_transfers_by_pid_and_height(db: Database) -> None:
     )
 
 
-
 @migrations()
 def m004_token_index_without_unclaimed(db: Database) -> None:
     """The token's unique index covers claimed tickets only.
@@ -155,6 +154,7 @@ def m004_token_index_without_unclaimed(db: Database) -> None:
         CREATE UNIQUE INDEX tickets_by_token ON tickets (token) WHERE token IS NOT NULL;
         """
     )
+
 
 KNOWN = tuple(m.name for m in migrations._migrations)
 

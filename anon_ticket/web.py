@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config as HyperConfig
+from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio import serve as hyper_serve
 from quart import Response
@@ -97,7 +98,12 @@ _ws_handle = WSStream.handle
 
 
 async def _handle(self: Any, event: Any) -> None:
-    """Every path that closes a websocket stream goes through `handle`."""
+    """Every path that closes a websocket stream goes through `handle`. The peer's close
+    ends the keepalive first: hypercorn then awaits the app's disconnect event."""
+    if isinstance(event, StreamClosed):
+        scope = getattr(self, "_ping_scope", None)
+        if scope is not None:
+            scope.cancel()
     try:
         await _ws_handle(self, event)
     finally:

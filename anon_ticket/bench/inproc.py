@@ -298,8 +298,8 @@ def ingest(db_path: Path, transfers: list[Transfer], *, window_blocks: int = 100
 def raw_ingest(db_path: Path, transfers: list[Transfer], *,
                window_blocks: int = 1000) -> IngestRun:
     """The storage actor's crediting statements on a bare connection, one transaction per
-    message of the same chunking: the SQL floor of ingestion, without actors, savepoints,
-    events or the Bloom filter."""
+    message of the same chunking: the SQL floor of ingestion, without actors, events or
+    the Bloom filter."""
     messages = _messages(transfers, window_blocks)
     conn = open_connection(db_path)
     credited = 0

@@ -56,7 +56,7 @@ QUICK = Plan("quick", levels=(64,), seconds={64: 2}, reps=1, unclaimed=40_000,
              claimed=5_000, warmup_s=1, storage_claims=5_000, storage_concurrency=256,
              storage_reps=1, ingest_transfers=20_000, big_pids=1_000_000,
              big_via_import=False, startup_runs=1, negatives=2000, tokens=2000, profile_s=4,
-             retries=1, ws_fanout=100, ingest_reps=1)
+             retries=1, ws_fanout=100, ingest_reps=1, ws_reps=1)
 FULL = Plan("full", levels=(1, 16, 64, 256), seconds={1: 5, 16: 5, 64: 5, 256: 5}, reps=3,
             unclaimed=200_000, claimed=40_000, warmup_s=2, storage_claims=50_000,
             storage_concurrency=256, storage_reps=3, ingest_transfers=100_000,
@@ -662,7 +662,7 @@ class Bench:
                              "claims_per_wall_s beside it")
         out["note"] = ("claims asked straight of the storage actor's mailbox (no HTTP, no filter "
                        "lookup), the real filter (and hub) running; raw APSW runs the same "
-                       "statements on a bare connection, without actor or savepoints")
+                       "statements on a bare connection, without actor or messages")
         self.report["storage"] = out
 
     def ingestion(self, base: Path) -> None:

@@ -341,6 +341,23 @@ async def test_a_stop_with_watchers_does_not_wait_out_the_grace(tmp_path: Path) 
     assert trio.current_time() - started < 5
 
 
+def _is_keepalive(task: trio.lowlevel.Task) -> bool:
+    return task.name.endswith("_send_pings")
+
+
+def _keepalive_tasks() -> int:
+    """Websocket keepalive tasks alive in this trio run (the server runs in it)."""
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    count, todo = 0, [root]
+    while todo:
+        task = todo.pop()
+        count += _is_keepalive(task)
+        for nursery in task.child_nurseries:
+            todo.extend(nursery.child_tasks)
+    return count
+
+
 class _PingSteps(trio.abc.Instrument):
     """Counts the steps of websocket keepalive tasks."""
 
@@ -348,19 +365,22 @@ class _PingSteps(trio.abc.Instrument):
         self.steps = 0
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task.name.endswith("_send_pings"):
+        if _is_keepalive(task):
             self.steps += 1
 
 
 async def test_idle_watchers_cost_no_wakeups_between_pings(tmp_path: Path) -> None:
     # The keepalive loop once woke every second per connection to look for its stream's
     # close: 1,000 idle watchers were 1,000 wake-ups a second. It now sleeps the whole ping
-    # interval (20 s) and the close cancels it.
+    # interval (20 s), and a closed connection ends it at once.
     async with running_server(tmp_path) as srv, AsyncExitStack() as stack:
-        conns = [await stack.enter_async_context(watcher(srv)) for _ in range(10)]
-        for ws in conns:
+        conns = []
+        for _ in range(10):
+            ws = await stack.enter_async_context(watcher(srv))
             await send(ws, op="subscribe", pid=PaymentId.generate().hex())
             assert (await recv(ws))["type"] == "state"
+            conns.append(ws)
+        assert _keepalive_tasks() == 10
         counter = _PingSteps()
         trio.lowlevel.add_instrument(counter)
         try:
@@ -368,3 +388,8 @@ async def test_idle_watchers_cost_no_wakeups_between_pings(tmp_path: Path) -> No
         finally:
             trio.lowlevel.remove_instrument(counter)
         assert counter.steps == 0
+        for ws in conns[:4]:  # clients that leave
+            await ws.aclose()
+        with trio.fail_after(5):
+            while _keepalive_tasks() != 6:
+                await trio.sleep(0.05)
