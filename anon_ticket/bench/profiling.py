@@ -45,7 +45,7 @@ INCLUSIVE: tuple[tuple[str, str, str], ...] = (
     ("redeem handler (public.py: redeem)", "<locals>.redeem", "actors/public.py"),
     ("token handler (public.py: token)", "<locals>.token", "actors/public.py"),
     ("Mailbox.ask (request + wait for the reply)", "ask", "supervisors/mailbox.py"),
-    ("storage batch (_run_batch)", "_run_batch", "actors/storage.py"),
+    ("storage transaction (_transaction)", "_transaction", "actors/storage.py"),
     ("storage claim handler (_claim)", "_claim", "actors/storage.py"),
     ("filter actor (anything)", "", "actors/filter.py"),
     ("hub actor (anything)", "", "actors/hub.py"),
