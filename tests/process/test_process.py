@@ -150,6 +150,10 @@ def test_sigkill_during_a_burst_of_claims_loses_no_token(tmp_path: Path) -> None
                 again = client.post(f"{server.url}/api/v1/redeem", json={"pid": pid}).json()
                 assert again["status"] == "already_claimed"
                 assert again["service_token"] == first["service_token"]
+        with server.internal() as internal:  # the process's garbage-collector tuning
+            text = internal.get("/metrics").text
+        assert 'anon_ticket_gc_seconds_total{generation="2"}' in text
+        assert 'anon_ticket_gc_threshold{generation="0"} 10000.0' in text  # not Python's 700
     finally:
         server.stop()
     final = json.loads(cli(data, "db", "check").stdout.rsplit("}", 1)[0] + "}")
