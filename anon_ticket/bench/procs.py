@@ -265,6 +265,15 @@ def histogram(text: str, name: str) -> dict[str, float]:
     return out
 
 
+def counter_total(text: str, name: str) -> float:
+    """The sum of a Prometheus counter over all its label values (0 when absent)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{") or line.startswith(f"{name} "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def histogram_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {k: after[k] - before.get(k, 0.0) for k in after}
 

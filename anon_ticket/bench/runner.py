@@ -62,6 +62,8 @@ FULL = Plan("full", levels=(1, 16, 64, 256), seconds={1: 5, 16: 5, 64: 5, 256: 5
             storage_concurrency=256, storage_reps=3, ingest_transfers=100_000,
             big_pids=1_000_000, big_via_import=True, startup_runs=3, profile_s=8, ws_reps=3)
 
+GC_SECONDS = "anon_ticket_gc_seconds_total"
+
 INVALID_BODIES = ('{"pid":"zzzzzzzzzzzzzzzz"}', '{"pid":"0123"}', '{"pid":"0000000000000000"}',
                   '{"pid":"0123456789abcdef0"}', '{"pid":"0123456789abcdeg"}')
 EXPECTED = {
@@ -181,6 +183,9 @@ class Cell:
             "server_cpu_us_per_req": round(med(cpu_per_req), 1) if cpu_per_req else None,
             "server_cpu_util": round(med([c / r.duration_s for c, r in
                                           zip(self.server_cpu, runs, strict=True)]), 3),
+            "server_gc_share": (round(med(gc), 4) if (gc := [
+                r.extra["server_gc_share"] for r in runs
+                if r.extra.get("server_gc_share") is not None]) else None),
             "generator_cpu": max((r.generator_cpu or 0.0) for r in runs),
         }
 
@@ -355,14 +360,20 @@ class Bench:
                     best: tuple[WrkResult, float] | None = None
                     for attempt in range(1 + p.retries):
                         child, method, path, lines, take = setup(scenario, level, seconds)
-                        hist_before = (procs.histogram(procs.read_metrics(socket), BATCHES)
-                                       if socket and child is server else None)
+                        text = (procs.read_metrics(socket) if socket and child is server
+                                else None)
                         result, cpu = self._drive(child, method, path, lines, level, seconds)
-                        if hist_before is not None and socket is not None:
-                            after = procs.histogram(procs.read_metrics(socket), BATCHES)
+                        if text is not None and socket is not None:
+                            later = procs.read_metrics(socket)
+                            after = procs.histogram(later, BATCHES)
                             acc = batches.setdefault(scenario, {}).setdefault(level, {})
-                            for k, v in procs.histogram_delta(hist_before, after).items():
+                            before = procs.histogram(text, BATCHES)
+                            for k, v in procs.histogram_delta(before, after).items():
                                 acc[k] = acc.get(k, 0.0) + v
+                            gc_s = (procs.counter_total(later, GC_SECONDS)
+                                    - procs.counter_total(text, GC_SECONDS))
+                            result.extra["server_gc_share"] = round(
+                                gc_s / result.duration_s, 4) if result.duration_s else None
                         if scenario == "new_claims":
                             rate_guess[level] = max(rate_guess.get(level, 0.0), result.rps)
                             # certainly claimed by now: wrk may use up the first line
@@ -388,7 +399,9 @@ class Bench:
                     total = sum(result.counts.values())
                     self.log(f"  {scenario:<25} c={level:<3} rep {rep + 1}: {result.rps:7.0f} "
                              f"req/s  p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms"
-                             f"  ok {ok}/{total}  server cpu {cpu / result.duration_s:.0%}")
+                             f"  ok {ok}/{total}  server cpu {cpu / result.duration_s:.0%}"
+                             + (f"  in gc {gc:.1%}" if (gc := result.extra.get(
+                                 "server_gc_share")) is not None else ""))
                 if level == report.TARGET_LEVEL:
                     _pair_with_ceiling(sequence, {k: v[level] for k, v in cells.items()
                                                   if level in v})
@@ -525,6 +538,8 @@ class Bench:
         server = procs.start_server(data_dir, cpus=self.pinning.server,
                                     log_path=self.work / "server-ws.log")
         cells = {"none": Cell(), "idle": Cell()}
+        gc_us: dict[str, list[float]] = {"none": [], "idle": []}  # GC time a request
+        socket = data_dir / "internal.sock"
         loads: list[dict[str, Any]] = []
         fanout: dict[str, Any] | None = None
         # fresh PIDs a run needs: the new-claims rate measured so far (HTTP section), with room
@@ -553,7 +568,11 @@ class Bench:
                         loads.append(watch.ready)
                     take = self._take_fresh(int(guess * seconds * 1.5) + level + 100)
                     lines = self._file([_body(b) for b in take])
+                    gc_before = procs.counter_total(procs.read_metrics(socket), GC_SECONDS)
                     result, cpu = self._drive(server, "POST", REDEEM, lines, level, seconds)
+                    gc_s = procs.counter_total(procs.read_metrics(socket), GC_SECONDS) - gc_before
+                    if result.requests:
+                        gc_us[mode].append(gc_s * 1e6 / result.requests)
                     guess = max(guess, result.rps)
                     if result.count_of(EXPECTED["new_claims"]) < 0.99 * result.requests:
                         self.log(f"  warning: {result.counts} (fresh PIDs ran out?)")
@@ -562,7 +581,8 @@ class Bench:
                     self.log(f"  new claims c={level}, {p.ws_idle if watch else 0:>4} idle "
                              f"subscribers: {result.rps:7.0f} req/s  p50 "
                              f"{result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  "
-                             f"server cpu {cpu / result.duration_s:.0%}")
+                             f"server cpu {cpu / result.duration_s:.0%}  in gc "
+                             f"{gc_s / result.duration_s:.1%}")
                     if watch is not None and fanout is None:
                         fanout = watch.command("fanout", "fanout", timeout=120)
                         f = fanout["from_send_ms"]
@@ -595,6 +615,10 @@ class Bench:
         nc, ic = none.get("server_cpu_us_per_req"), idle.get("server_cpu_us_per_req")
         if nc and ic:
             out["cpu_ratio_idle_to_none"] = round(nc / ic, 3)
+        out["gc_us_per_req"] = {mode: round(statistics.median(v), 1) if v else None
+                                for mode, v in gc_us.items()}
+        out["gc_note"] = ("the server's time in the cyclic garbage collector per request "
+                          "(anon_ticket_gc_seconds_total before and after each run), median")
         self.report["websocket"] = out
 
     # --- in-process ------------------------------------------------------------------------
