@@ -35,7 +35,7 @@ from actors.internal import Internal, InternalConfig
 from actors.poller import Poller, PollerConfig
 from actors.public import Public, PublicConfig
 from actors.storage import Storage, StorageConfig
-from anon_ticket import schema
+from anon_ticket import gctune, schema
 from anon_ticket.config import Settings
 from anon_ticket.datadir import DataDir
 from anon_ticket.devchain import DevChain, plan_ports
@@ -58,8 +58,6 @@ from supervisors.supervisor import Backoff, ChildSpec, Escalation, Runnable, Str
 log = get_logger("tree")
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
-GC_DEFAULT_THRESHOLD = gc.get_threshold()
-GC_GEN0_THRESHOLD = 10_000  # young collections (Python's default: 700)
 
 
 @dataclass
@@ -262,19 +260,13 @@ async def _run_locked(settings: Settings, datadir: DataDir, signals: Any,
     log.info("starting", settings=" ".join(f"{k}={v}" for k, v in settings.describe().items()))
     if settings.internal_tcp_warning:
         log.warning(settings.internal_tcp_warning)
+    gc_before: tuple[int, int, int] | None = None
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, signals, tree.root, nursery.cancel_scope)
             await nursery.start(_run_root, tree.root, nursery.cancel_scope)
-            # What start-up built lives as long as the process: keep it out of every
-            # later garbage-collection pass (shorter pauses on the redeem path).
-            gc.freeze()
+            gc_before = gctune.settle()  # start-up frozen, young collections rarer
             gc.callbacks.append(tree.metrics.gc_times)
-            # Python's default (a young collection every 700 net allocations) scanned each
-            # in-flight request's objects over and over: 9% of the server's CPU under load
-            # went to the collector. At 10,000 most of them are gone before a collection
-            # comes: about 1%, with young-collection pauses of a few milliseconds.
-            gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
     except ConfigError as exc:
         log.error("cannot start", error=str(exc))
         return EXIT_CONFIG
@@ -294,6 +286,7 @@ async def _run_locked(settings: Settings, datadir: DataDir, signals: Any,
     finally:
         if tree.metrics.gc_times in gc.callbacks:
             gc.callbacks.remove(tree.metrics.gc_times)
-        gc.set_threshold(*GC_DEFAULT_THRESHOLD)
+        if gc_before is not None:
+            gctune.restore(gc_before)
     log.info("stopped", reason=tree.root.stop_reason or "forced")
     return EXIT_OK

@@ -40,6 +40,7 @@ from actors.storage import (
     StorageConfig,
     open_connection,
 )
+from anon_ticket import gctune
 from anon_ticket.domain.ids import PaymentId
 from anon_ticket.domain.messages import (
     Claim,
@@ -54,7 +55,6 @@ from anon_ticket.domain.tokens import Derivation, derive
 from anon_ticket.metrics import Metrics
 from supervisors.mailbox import Mailbox
 from supervisors.supervisor import Backoff, ChildSpec, Strategy, Supervisor
-from supervisors.tree import GC_GEN0_THRESHOLD
 
 SECRET = b"b" * 32
 TIMEOUT = 60.0
@@ -124,19 +124,15 @@ async def run_core(db_path: Path, *, batch_limit: int = 256, bloom_entries: int 
                      period=60, backoff=Backoff(0.05, 0.2), grace=2)
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
-        # As the server does once its tree is up: what start-up built (every module, the
-        # Bloom filter) stays out of later collections (without it each full collection
-        # walked some 60,000 objects, up to 90 ms here, a sixth of a claims run), and young
-        # collections come every GC_GEN0_THRESHOLD net allocations, not 700.
-        gc.freeze()
-        threshold = gc.get_threshold()
-        gc.set_threshold(GC_GEN0_THRESHOLD, *threshold[1:])
+        # The server's collector settings once its tree is up (without the freeze each full
+        # collection walked some 60,000 start-up objects, up to 90 ms here, a sixth of a
+        # claims run).
+        previous = gctune.settle()
         try:
             yield Core(smb, fmb, metrics, sup)
         finally:
             sup.request_stop("benchmark over")
-            gc.set_threshold(*threshold)
-            gc.unfreeze()
+            gctune.restore(previous)
 
 
 def _batch_histogram(metrics: Metrics) -> dict[str, float]:
