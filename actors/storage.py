@@ -286,7 +286,7 @@ class Storage:
         self._now = rfc3339(time.time())
         multi = self._multi_write
         try:
-            with conn:  # one COMMIT for the whole group
+            with conn:  # one COMMIT for the whole group (BEGIN at the outermost level)
                 for env in group:
                     kind = type(env.msg)
                     handler = self._handlers.get(kind)
@@ -313,7 +313,7 @@ class Storage:
             return []
         except apsw.Error as exc:
             self.metrics.batches_failed.inc()
-            log.error("batch lost", size=len(group), error=type(exc).__name__)
+            log.error("transaction lost", size=len(group), error=type(exc).__name__)
             for env in group:
                 env.fail(Unavailable("storage could not commit; retry"))
             return []
