@@ -86,9 +86,12 @@ def test_a_killed_dev_chain_server_leaves_no_child_behind(tmp_path: Path) -> Non
     pids = [int(p.read_text()) for p in (data / "devchain" / "pids").glob("*.pid")]
     assert len(pids) == 3
     kill(server)
-    deadline = time.monotonic() + 20
+    # PDEATHSIG sends all three SIGTERM at once (no wallets-first order as in a stop): the
+    # wallets save and monerod flushes its database before exiting. Typically 2 s; once more
+    # than 20 s on a loaded 2-core machine. What this test guards is that they go.
+    started = time.monotonic()
     while any(Path(f"/proc/{p}").exists() for p in pids):
-        assert time.monotonic() < deadline, "dev chain children outlived the server"
+        assert time.monotonic() < started + 90, "dev chain children outlived the server"
         time.sleep(0.1)
 
 
