@@ -98,18 +98,14 @@ _ws_handle = WSStream.handle
 
 
 async def _handle(self: Any, event: Any) -> None:
-    """Every path that closes a websocket stream goes through `handle`. The peer's close
-    ends the keepalive first: hypercorn then awaits the app's disconnect event."""
+    """Once a stream is accepted (the keepalive starts there), only `StreamClosed` closes it;
+    it ends the keepalive before hypercorn awaits the app's disconnect event. (A stream closed
+    before the keepalive starts is seen by its `while not self.closed`.)"""
     if isinstance(event, StreamClosed):
         scope = getattr(self, "_ping_scope", None)
         if scope is not None:
             scope.cancel()
-    try:
-        await _ws_handle(self, event)
-    finally:
-        scope = getattr(self, "_ping_scope", None)
-        if self.closed and scope is not None:
-            scope.cancel()
+    await _ws_handle(self, event)
 
 
 # hypercorn pinned at 0.18.0
