@@ -268,16 +268,15 @@ def render(report: dict[str, Any]) -> str:
         out.append(f"websocket: new claims at {ws.get('connections')} connections, "
                    f"{ws.get('runs_each')} runs each")
         wrows = []
-        gc_us = ws.get("gc_us_per_req") or {}
-        for label, key, mode in (("no subscribers", "new_claims_no_subscribers", "none"),
-                                 (f"{ws.get('idle_subscribers')} idle subscribers",
-                                  "new_claims_idle_subscribers", "idle")):
+        for label, key in (("no subscribers", "new_claims_no_subscribers"),
+                           (f"{ws.get('idle_subscribers')} idle subscribers",
+                            "new_claims_idle_subscribers")):
             c = ws.get(key, {})
             wrows.append([label, _fmt(c.get("rps"), ".0f"), _fmt(c.get("p50_ms"), ".2f"),
                           _fmt(c.get("p99_ms"), ".2f"),
                           _fmt(c.get("server_cpu_us_per_req"), ".0f"),
-                          _fmt(gc_us.get(mode), ".0f")])
-        out.extend(_table(["", "req/s", "p50 ms", "p99 ms", "cpu us/req", "gc us/req"], wrows,
+                          _fmt(c.get("server_gc_share"), ".1%")])
+        out.extend(_table(["", "req/s", "p50 ms", "p99 ms", "cpu us/req", "in gc"], wrows,
                           "lrrrrr"))
         fan = ws.get("fanout") or {}
         if fan:

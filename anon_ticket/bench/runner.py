@@ -299,6 +299,19 @@ class Bench:
                              cpus=self.pinning.generator)
         return result, child.cpu_seconds() - cpu_before
 
+    def _drive_server(self, child: procs.Child, socket: Path, method: str, path: str,
+                      lines: Path, connections: int, seconds: int
+                      ) -> tuple[WrkResult, float, str, str]:
+        """`_drive` on our server, with its /metrics before and after the run; the run's
+        share of time in the garbage collector goes into `result.extra`."""
+        before = procs.read_metrics(socket)
+        result, cpu = self._drive(child, method, path, lines, connections, seconds)
+        after = procs.read_metrics(socket)
+        gc_s = procs.counter_total(after, GC_SECONDS) - procs.counter_total(before, GC_SECONDS)
+        result.extra["server_gc_share"] = (round(gc_s / result.duration_s, 4)
+                                           if result.duration_s else None)
+        return result, cpu, before, after
+
     def _http_runs(self, legacy: data.LegacySet, server: procs.Child, quart: procs.Child,
                    raw: procs.Child, hop: procs.Child) -> None:
         p = self.plan
@@ -365,20 +378,17 @@ class Bench:
                     best: tuple[WrkResult, float] | None = None
                     for attempt in range(1 + p.retries):
                         child, method, path, lines, take = setup(scenario, level, seconds)
-                        text = (procs.read_metrics(socket) if socket and child is server
-                                else None)
-                        result, cpu = self._drive(child, method, path, lines, level, seconds)
-                        if text is not None and socket is not None:
-                            later = procs.read_metrics(socket)
-                            after = procs.histogram(later, BATCHES)
+                        if socket is not None and child is server:
+                            result, cpu, before, after = self._drive_server(
+                                child, socket, method, path, lines, level, seconds)
                             acc = batches.setdefault(scenario, {}).setdefault(level, {})
-                            before = procs.histogram(text, BATCHES)
-                            for k, v in procs.histogram_delta(before, after).items():
+                            for k, v in procs.histogram_delta(
+                                    procs.histogram(before, BATCHES),
+                                    procs.histogram(after, BATCHES)).items():
                                 acc[k] = acc.get(k, 0.0) + v
-                            gc_s = (procs.counter_total(later, GC_SECONDS)
-                                    - procs.counter_total(text, GC_SECONDS))
-                            result.extra["server_gc_share"] = round(
-                                gc_s / result.duration_s, 4) if result.duration_s else None
+                        else:
+                            result, cpu = self._drive(child, method, path, lines, level,
+                                                      seconds)
                         if scenario == "new_claims":
                             rate_guess[level] = max(rate_guess.get(level, 0.0), result.rps)
                             # certainly claimed by now: wrk may use up the first line
@@ -543,7 +553,6 @@ class Bench:
         server = procs.start_server(data_dir, cpus=self.pinning.server,
                                     log_path=self.work / "server-ws.log")
         cells = {"none": Cell(), "idle": Cell()}
-        gc_us: dict[str, list[float]] = {"none": [], "idle": []}  # GC time a request
         socket = data_dir / "internal.sock"
         loads: list[dict[str, Any]] = []
         fanout: dict[str, Any] | None = None
@@ -573,11 +582,8 @@ class Bench:
                         loads.append(watch.ready)
                     take = self._take_fresh(int(guess * seconds * 1.5) + level + 100)
                     lines = self._file([_body(b) for b in take])
-                    gc_before = procs.counter_total(procs.read_metrics(socket), GC_SECONDS)
-                    result, cpu = self._drive(server, "POST", REDEEM, lines, level, seconds)
-                    gc_s = procs.counter_total(procs.read_metrics(socket), GC_SECONDS) - gc_before
-                    if result.requests:
-                        gc_us[mode].append(gc_s * 1e6 / result.requests)
+                    result, cpu, _, _ = self._drive_server(server, socket, "POST", REDEEM, lines,
+                                                           level, seconds)
                     guess = max(guess, result.rps)
                     if result.count_of(EXPECTED["new_claims"]) < 0.99 * result.requests:
                         self.log(f"  warning: {result.counts} (fresh PIDs ran out?)")
@@ -587,7 +593,7 @@ class Bench:
                              f"subscribers: {result.rps:7.0f} req/s  p50 "
                              f"{result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  "
                              f"server cpu {cpu / result.duration_s:.0%}  in gc "
-                             f"{gc_s / result.duration_s:.1%}")
+                             f"{result.extra['server_gc_share'] or 0:.1%}")
                     if watch is not None and fanout is None:
                         fanout = watch.command("fanout", "fanout", timeout=120)
                         f = fanout["from_send_ms"]
@@ -620,10 +626,6 @@ class Bench:
         nc, ic = none.get("server_cpu_us_per_req"), idle.get("server_cpu_us_per_req")
         if nc and ic:
             out["cpu_ratio_idle_to_none"] = round(nc / ic, 3)
-        out["gc_us_per_req"] = {mode: round(statistics.median(v), 1) if v else None
-                                for mode, v in gc_us.items()}
-        out["gc_note"] = ("the server's time in the cyclic garbage collector per request "
-                          "(anon_ticket_gc_seconds_total before and after each run), median")
         self.report["websocket"] = out
 
     # --- in-process ------------------------------------------------------------------------
