@@ -267,6 +267,12 @@ def _legacy_next_height(conn: sqlite3.Connection) -> int | None:
 # --------------------------------------------------------------------------- the import
 
 
+_INSERT_TRANSFER = (
+    "INSERT INTO transfers (txid, pid, amount, height, recorded_at, source)"
+    " VALUES (?, ?, ?, ?, ?, 'legacy')"
+)
+
+
 class _Importer:
     def __init__(self, conn: sqlite3.Connection, now: float) -> None:
         self.conn = conn
@@ -341,27 +347,31 @@ class _Importer:
         conn = self.conn
         ticket = conn.execute("SELECT token FROM tickets WHERE pid = ?", (pid,)).fetchone()
         created_at = self.when(created_v)
+        txid_raw = bytes.fromhex(txid)
+        transfer = (txid_raw, pid, amount, height, created_at)
+        # Three statements for a new ticket (its first transfer cannot be present yet), four
+        # for another transfer to a known one: the import's time is its statements.
         if ticket is None:
             conn.execute(
-                "INSERT INTO tickets (pid, amount, created_at) VALUES (?, 0, ?)",
-                (pid, created_at),
+                "INSERT INTO tickets (pid, amount, created_at) VALUES (?, ?, ?)",
+                (pid, amount, created_at),
             )
+            conn.execute(_INSERT_TRANSFER, transfer)
             self.c.tickets_created += 1
-        txid_raw = bytes.fromhex(txid)
-        present = conn.execute(
-            "SELECT 1 FROM transfers WHERE txid = ? AND pid = ?", (txid_raw, pid)
-        ).fetchone()
-        if present is not None:
-            self.c.already_present += 1
+            added = True
         else:
-            conn.execute(
-                "INSERT INTO transfers (txid, pid, amount, height, recorded_at, source)"
-                " VALUES (?, ?, ?, ?, ?, 'legacy')",
-                (txid_raw, pid, amount, height, created_at),
-            )
-            conn.execute("UPDATE tickets SET amount = amount + ? WHERE pid = ?", (amount, pid))
+            added = conn.execute(
+                _INSERT_TRANSFER + " ON CONFLICT DO NOTHING", transfer
+            ).rowcount == 1
+            if added:
+                conn.execute(
+                    "UPDATE tickets SET amount = amount + ? WHERE pid = ?", (amount, pid)
+                )
+        if added:
             self.c.transfers_added += 1
             self.c.heights.append(height)
+        else:
+            self.c.already_present += 1
 
         candidates = tokens.get(pid, [])
         used_tokens.update(t.token for t in candidates)
@@ -452,6 +462,7 @@ def import_legacy(
         conn = sqlite3.connect(db_path, isolation_level=None, timeout=10.0)
         try:
             conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA cache_size = -65536")
             conn.execute("BEGIN IMMEDIATE")
             try:
                 imp = _Importer(conn, when)

@@ -7,7 +7,13 @@ from datetime import UTC, datetime
 
 def rfc3339(epoch_seconds: float) -> str:
     """`2026-11-23T17:14:57.123456Z` for a POSIX time."""
-    return datetime.fromtimestamp(epoch_seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return _utc_text(datetime.fromtimestamp(epoch_seconds, UTC))
+
+
+def _utc_text(dt: datetime) -> str:
+    # isoformat, not strftime: ten times faster (a legacy import formats every row) and it
+    # pads years below 1000 to four digits, as RFC 3339 wants.
+    return dt.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def parse_legacy(text: str) -> str:
@@ -33,4 +39,4 @@ def parse_legacy(text: str) -> str:
             raise ValueError(f"bad fractional seconds in {text!r}")
         frac = (frac + "000000")[:6]
     dt = datetime.fromisoformat(f"{main}.{frac or '000000'}{offset}")
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return _utc_text(dt)
