@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import apsw
 import pytest
 
 from anon_ticket.bench import data, inproc, procs, profiling, report, wrk
@@ -208,6 +209,22 @@ def test_bulk_load_writes_recorded_tickets(tmp_path: Path) -> None:
     db = tmp_path / "big.db"
     data.bulk_load(db, 1000)
     assert data.count_tickets(db) == 1000
+    conn = apsw.Connection(str(db))
+    try:
+        pids = [bytes(r[0]) for r in conn.execute("SELECT pid FROM tickets ORDER BY pid")]
+        assert len(set(pids)) == 1000 and bytes(8) not in pids
+        assert all(len(p) == 8 for p in pids)
+        rows = conn.execute("SELECT t.amount, sum(x.amount), count(*), min(x.height) "
+                            "FROM tickets t JOIN transfers x USING (pid) GROUP BY pid "
+                            "ORDER BY pid").fetchall()
+        assert len(rows) == 1000
+        assert all(a == s == data.AMOUNT and n == 1 for a, s, n, _ in rows)
+        heights = [h for *_, h in rows]
+        assert heights == sorted(heights) and heights[0] == data.FIRST_HEIGHT
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert conn.execute("PRAGMA journal_mode").fetchall() == [("wal",)]
+    finally:
+        conn.close()
 
 
 @pytest.mark.slow
@@ -220,7 +237,7 @@ def test_quick_bench_end_to_end(tmp_path: Path) -> None:
     rep = json.loads(out.read_text())
     for section in ("http", "storage", "ingestion", "memory_startup", "websocket", "targets"):
         assert section in rep and "error" not in rep[section], section
-    assert rep["websocket"]["status"] == "not measured yet"
+    assert rep["websocket"]["fanout"]["events"] == rep["websocket"]["fanout"]["claims"]
     assert rep["meta"]["duration_s"] < 60
     assert "targets" in done.stdout
 
