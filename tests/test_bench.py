@@ -5,6 +5,7 @@ and the whole `--quick` run as a slow test."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -130,6 +131,8 @@ def test_report_targets_table_and_json(tmp_path: Path) -> None:
     assert "redeem: new claim (fresh PID)" in text
     assert "FAIL  throughput.bloom_negative" in text
     assert "FAIL  websocket.fanout_p99" in text
+    assert report.QUICK_NOTE in text  # a quick run says it is a smoke test
+    assert report.QUICK_NOTE not in report.render(report.finish({"meta": {"mode": "full"}}))
     out = tmp_path / "r" / "report.json"
     report.write_json(rep, out)
     assert json.loads(out.read_text())["summary"]["failed"] == 3
@@ -146,9 +149,17 @@ def test_missing_sections_are_not_measured() -> None:
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
 def test_wrk_drives_the_raw_asgi_ceiling(tmp_path: Path) -> None:
-    """The Lua script against a real server: every request answered and classified."""
-    child = procs.start_ceiling("raw", cpus=None, log_path=tmp_path / "raw.log")
+    """The Lua script against a real server: every request answered and classified. The
+    ceilings start side by side unpinned and are pinned, every thread, once ready."""
+    core = {min(os.sched_getaffinity(0))}
+    child = procs.spawn_ceiling("raw", cpus=None, log_path=tmp_path / "raw.log")
+    other = procs.spawn_ceiling("quart", cpus=None, log_path=tmp_path / "quart.log")
     try:
+        procs.ready([child, other], cpus=core)
+        for c in (child, other):
+            assert c.ready_s is not None
+            tids = os.listdir(f"/proc/{c.pid}/task")
+            assert all(os.sched_getaffinity(int(t)) == core for t in tids)
         script = wrk.write_script(tmp_path)
         lines = wrk.write_lines(tmp_path / "bodies.txt",
                                 [json.dumps({"pid": f"{i:016x}"}) for i in range(1, 50)])
@@ -157,6 +168,7 @@ def test_wrk_drives_the_raw_asgi_ceiling(tmp_path: Path) -> None:
         cpu = child.cpu_seconds()
     finally:
         child.stop()
+        other.stop()
     assert r.requests > 50
     assert r.counts.get("200", 0) >= r.requests - 4  # the last few may be cut at the end
     assert r.socket_errors == 0

@@ -111,6 +111,11 @@ def evaluate_targets(report: dict[str, Any]) -> list[Target]:
     return targets
 
 
+QUICK_NOTE = ("--quick is a smoke test: one 2 s run a scenario, the ceiling only first and "
+              "last, small samples; on a shared machine its ratios move by +-0.2 from run to "
+              "run. The targets are judged on the full run.")
+
+
 def finish(report: dict[str, Any]) -> dict[str, Any]:
     targets = evaluate_targets(report)
     report["targets"] = [t.as_dict() for t in targets]
@@ -120,6 +125,8 @@ def finish(report: dict[str, Any]) -> dict[str, Any]:
         "not_measured": sum(1 for t in targets if t.passed is None),
         "failed_ids": [t.id for t in targets if t.passed is False],
     }
+    if report.get("meta", {}).get("mode") == "quick":
+        report["summary"]["note"] = QUICK_NOTE
     return report
 
 
@@ -326,5 +333,7 @@ def render(report: dict[str, Any]) -> str:
     s = report.get("summary", {})
     out.append(f"{s.get('passed', 0)} passed, {s.get('failed', 0)} failed"
                + (f", {s['not_measured']} not measured" if s.get("not_measured") else ""))
+    if s.get("note"):
+        out.append(s["note"])
     return "\n".join(out)
 
