@@ -129,6 +129,17 @@ class Child:
                 time.sleep(0.01)
         raise RuntimeError(f"{self.name} not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
+    def pin(self, cpus: set[int] | None) -> None:
+        """Move every thread of the process to `cpus` (a child started unpinned, to start
+        beside others on every core, is pinned before it is measured)."""
+        if not cpus:
+            return
+        for tid in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except ProcessLookupError:
+                pass  # the thread ended meanwhile
+
     def stop(self, timeout: float = 20.0) -> int | None:
         if self.alive():
             self.proc.send_signal(signal.SIGTERM)
@@ -152,34 +163,51 @@ def spawn(name: str, cmd: Sequence[str], *, port: int, log_path: Path,
     return Child(name, proc, port, log_path, spawned, data_dir=data_dir, _log_file=log)
 
 
-def start_server(data_dir: Path, *, cpus: set[int] | None, log_path: Path,
+def spawn_server(data_dir: Path, *, cpus: set[int] | None, log_path: Path,
                  bloom_entries: int = 1_000_000, fp_rate: float = 1e-6,
-                 extra: Sequence[str] = (), ready_timeout: float = 120.0) -> Child:
-    """The real `anon-ticket serve` on a free loopback port, ready (`/healthz` 200)."""
+                 extra: Sequence[str] = ()) -> Child:
+    """The real `anon-ticket serve` on a free loopback port, started (not yet ready)."""
     port = free_port()
     cmd = [sys.executable, "-m", "anon_ticket", "--data-dir", str(data_dir),
            "--bind-address", f"127.0.0.1:{port}",
            "--pid-bloom-entries", str(bloom_entries), "--pid-bloom-fp-rate", repr(fp_rate),
            *extra, "serve"]
-    child = spawn("anon-ticket", cmd, port=port, log_path=log_path, cpus=cpus,
-                  env={"MONERO_RPC_URL": UNUSED_WALLET}, data_dir=data_dir)
-    try:
-        child.wait_ready("/healthz", timeout=ready_timeout)
-    except BaseException:
-        child.stop()
-        raise
-    return child
+    return spawn("anon-ticket", cmd, port=port, log_path=log_path, cpus=cpus,
+                 env={"MONERO_RPC_URL": UNUSED_WALLET}, data_dir=data_dir)
 
 
-def start_ceiling(kind: str, *, cpus: set[int] | None, log_path: Path) -> Child:
+def spawn_ceiling(kind: str, *, cpus: set[int] | None, log_path: Path) -> Child:
+    """A ceiling app (`anon_ticket.bench.apps`) on a free loopback port, started."""
     port = free_port()
     cmd = [sys.executable, "-m", "anon_ticket.bench.apps", kind, f"127.0.0.1:{port}"]
-    child = spawn(f"ceiling-{kind}", cmd, port=port, log_path=log_path, cpus=cpus)
+    return spawn(f"ceiling-{kind}", cmd, port=port, log_path=log_path, cpus=cpus)
+
+
+def ready(children: Sequence[Child], *, cpus: set[int] | None,
+          timeout: float = 120.0) -> None:
+    """Wait until every child answers (the server its /healthz with 200, a ceiling anything),
+    then pin them all to `cpus`; on failure stop them all."""
     try:
-        child.wait_ready("/", timeout=60.0, any_status=True)
+        for child in children:
+            if child.data_dir is not None:
+                child.wait_ready("/healthz", timeout=timeout)
+            else:
+                child.wait_ready("/", timeout=timeout, any_status=True)
+            child.pin(cpus)
     except BaseException:
-        child.stop()
+        for child in children:
+            child.stop()
         raise
+
+
+def start_server(data_dir: Path, *, cpus: set[int] | None, log_path: Path,
+                 bloom_entries: int = 1_000_000, fp_rate: float = 1e-6,
+                 extra: Sequence[str] = (), ready_timeout: float = 120.0) -> Child:
+    """The real `anon-ticket serve`, started pinned to `cpus` and ready (`/healthz` 200):
+    its time to ready is the operator's."""
+    child = spawn_server(data_dir, cpus=cpus, log_path=log_path, bloom_entries=bloom_entries,
+                         fp_rate=fp_rate, extra=extra)
+    ready([child], cpus=None, timeout=ready_timeout)
     return child
 
 

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -51,19 +52,23 @@ class Plan:
     ws_fanout: int = 200  # claims timed from redeem to the `claimed` event
     ingest_reps: int = 2  # ingestion runs of ours and of bare SQL, alternating
     interleave_ceiling: bool = True  # at the targets' level, the ceiling between every two
+    # scenarios left out (--quick: the two that no target reads, to stay within a minute)
+    skip: frozenset[str] = frozenset()
 
 
-QUICK = Plan("quick", levels=(64,), seconds={64: 2}, reps=1, unclaimed=40_000,
-             claimed=5_000, warmup_s=1, storage_claims=5_000, storage_concurrency=256,
+QUICK = Plan("quick", levels=(64,), seconds={64: 2}, reps=1, unclaimed=30_000,
+             claimed=5_000, warmup_s=1, storage_claims=3_000, storage_concurrency=256,
              storage_reps=1, ingest_transfers=20_000, big_pids=1_000_000,
              big_via_import=False, startup_runs=1, negatives=2000, tokens=2000, profile_s=4,
-             retries=1, ws_fanout=100, ingest_reps=1, ws_reps=1, interleave_ceiling=False)
+             retries=1, ws_fanout=100, ingest_reps=1, ws_reps=1, interleave_ceiling=False,
+             skip=frozenset({"quart_hop", "already_claimed_uncached"}))
 FULL = Plan("full", levels=(1, 16, 64, 256), seconds={1: 5, 16: 5, 64: 5, 256: 5}, reps=3,
             unclaimed=200_000, claimed=40_000, warmup_s=2, storage_claims=50_000,
             storage_concurrency=256, storage_reps=3, ingest_transfers=100_000,
             big_pids=1_000_000, big_via_import=True, startup_runs=3, profile_s=8, ws_reps=3)
 
 GC_SECONDS = "anon_ticket_gc_seconds_total"
+SERVER_SECTIONS = ("http", "websocket")  # these share one server process, started once
 
 INVALID_BODIES = ('{"pid":"zzzzzzzzzzzzzzzz"}', '{"pid":"0123"}', '{"pid":"0000000000000000"}',
                   '{"pid":"0123456789abcdef0"}', '{"pid":"0123456789abcdeg"}')
@@ -228,6 +233,7 @@ class Bench:
         self.script = wrk.write_script(work)
         self._files = 0
         self.fresh: list[bytes] = []  # unclaimed PIDs not yet sent to the server
+        self.server: procs.Child | None = None  # shared by the http and websocket sections
 
     def _take_fresh(self, want: int) -> list[bytes]:
         take = self.fresh[:want]
@@ -266,29 +272,58 @@ class Bench:
 
     # --- HTTP ------------------------------------------------------------------------------
 
-    def http(self, legacy: data.LegacySet, data_dir: Path) -> None:
-        p = self.plan
-        pin = self.pinning
-        server = procs.start_server(data_dir, cpus=pin.server,
-                                    log_path=self.work / "server-http.log")
-        children = [server]
+    def _serve(self, data_dir: Path, beside: list[procs.Child] | None = None) -> procs.Child:
+        """The server of the http and websocket sections (started once, warmed up), with
+        `beside` (just spawned) started next to it: all start unpinned, on every core, and
+        are pinned to the server's core once ready."""
+        starting = list(beside or [])
+        if self.server is None:
+            self.server = procs.spawn_server(data_dir, cpus=None,
+                                             log_path=self.work / "server.log")
+            starting.insert(0, self.server)
         try:
-            self.log(f"server ready in {server.ready_s:.2f} s "
-                     f"({p.unclaimed + p.claimed} recorded PIDs)")
-            quart = procs.start_ceiling("quart", cpus=pin.server,
-                                        log_path=self.work / "ceiling-quart.log")
-            children.append(quart)
-            raw = procs.start_ceiling("raw", cpus=pin.server,
-                                      log_path=self.work / "ceiling-raw.log")
-            children.append(raw)
-            hop = procs.start_ceiling("hop", cpus=pin.server,
-                                      log_path=self.work / "ceiling-hop.log")
-            children.append(hop)
-            self._http_runs(legacy, server, quart, raw, hop)
+            procs.ready(starting, cpus=self.pinning.server)
+        except BaseException:
+            self.server = None
+            raise
+        if starting and starting[0] is self.server:
+            self.log(f"server ready in {self.server.ready_s:.2f} s"
+                     + (f" (beside {len(starting) - 1} ceiling apps)" if len(starting) > 1
+                        else ""))
+        self._warm_up(starting)
+        return self.server
+
+    def _stop_server(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def _warm_up(self, children: list[procs.Child]) -> None:
+        """Unknown-PID requests at 16 connections to every new child at once (their first
+        requests import and cache what later ones reuse)."""
+        if not children:
+            return
+        lines = self._file([_body(b) for b in data.pids("unknown", 2000)])
+        with ThreadPoolExecutor(len(children)) as pool:
+            for future in [pool.submit(self._drive, child, "POST",
+                                       REDEEM if child is self.server else "/echo",
+                                       lines, 16, self.plan.warmup_s)
+                           for child in children]:
+                future.result()
+
+    def http(self, legacy: data.LegacySet, data_dir: Path) -> None:
+        kinds = ("quart", "raw", *(() if "quart_hop" in self.plan.skip else ("hop",)))
+        ceilings: dict[str, procs.Child] = {}
+        try:
+            for kind in kinds:
+                ceilings[kind] = procs.spawn_ceiling(
+                    kind, cpus=None, log_path=self.work / f"ceiling-{kind}.log")
+            server = self._serve(data_dir, list(ceilings.values()))
+            self._http_runs(legacy, server, ceilings)
             if self.profile_dir is not None:
-                self._profile(legacy, server, quart)
+                self._profile(legacy, server, ceilings["quart"])
         finally:
-            for child in reversed(children):
+            for child in ceilings.values():
                 child.stop()
 
     def _drive(self, child: procs.Child, method: str, path: str, lines: Path,
@@ -312,17 +347,17 @@ class Bench:
                                            if result.duration_s else None)
         return result, cpu, before, after
 
-    def _http_runs(self, legacy: data.LegacySet, server: procs.Child, quart: procs.Child,
-                   raw: procs.Child, hop: procs.Child) -> None:
+    def _http_runs(self, legacy: data.LegacySet, server: procs.Child,
+                   ceilings: dict[str, procs.Child]) -> None:
         p = self.plan
         negatives = self._file([_body(b) for b in data.pids("unknown", p.negatives)])
         invalid = self._file(list(INVALID_BODIES))
         tokens = self._file([f"/api/v1/token/{data.legacy_token(pid).hex()}"
                              for pid in legacy.claimed[:p.tokens]])
         socket = server.data_dir / "internal.sock" if server.data_dir else None
-        for child, path in ((server, REDEEM), (quart, "/echo"), (raw, "/echo"),
-                            (hop, "/echo")):
-            self._drive(child, "POST", path, negatives, 16, p.warmup_s)
+        ceiling_of = {"quart_ceiling": ceilings["quart"], "raw_asgi_ceiling": ceilings["raw"]}
+        if "hop" in ceilings:
+            ceiling_of["quart_hop"] = ceilings["hop"]
 
         uncached = list(legacy.claimed[p.tokens:]) or list(legacy.claimed)
         rate_guess: dict[int, float] = {}
@@ -334,12 +369,8 @@ class Bench:
                   ) -> tuple[procs.Child, str, str, Path, list[bytes]]:
             """Server, method, path and request lines of one run (fresh ones where needed)."""
             guess = rate_guess.get(level, 1500.0 if level == 1 else 3000.0)
-            if scenario == "quart_ceiling":
-                return quart, "POST", "/echo", negatives, []
-            if scenario == "raw_asgi_ceiling":
-                return raw, "POST", "/echo", negatives, []
-            if scenario == "quart_hop":
-                return hop, "POST", "/echo", negatives, []
+            if scenario in ceiling_of:
+                return ceiling_of[scenario], "POST", "/echo", negatives, []
             if scenario == "new_claims":
                 take = self._take_fresh(int(guess * seconds * 1.5) + level + 100)
                 return server, "POST", REDEEM, self._file([_body(b) for b in take]), take
@@ -373,6 +404,7 @@ class Bench:
                              "new_claims", "already_claimed", "quart_ceiling",
                              "bloom_negative", "invalid_pid", "quart_ceiling", "token",
                              "already_claimed_uncached", "quart_ceiling"]
+                order = [o for o in order if o not in p.skip]
                 sequence: list[tuple[str, WrkResult, float]] = []
                 for scenario in order:
                     best: tuple[WrkResult, float] | None = None
@@ -550,8 +582,7 @@ class Bench:
         subscribers still connected."""
         p = self.plan
         level, seconds = report.TARGET_LEVEL, p.seconds[report.TARGET_LEVEL]
-        server = procs.start_server(data_dir, cpus=self.pinning.server,
-                                    log_path=self.work / "server-ws.log")
+        server = self._serve(data_dir)
         cells = {"none": Cell(), "idle": Cell()}
         socket = data_dir / "internal.sock"
         loads: list[dict[str, Any]] = []
@@ -559,52 +590,47 @@ class Bench:
         # fresh PIDs a run needs: the new-claims rate measured so far (HTTP section), with room
         guess = max((c["rps"] for c in self.report.get("http", {}).get("scenarios", {})
                      .get("new_claims", {}).values()), default=1500.0)
+        # none, idle, idle, none, ...: a drift over the run (the database and the heap
+        # grow with every claim) falls on both sides alike; back-to-back idle runs share
+        # one subscriber process (1,000 connections take seconds to open).
+        modes = [m for rep in range(p.ws_reps)
+                 for m in (("none", "idle") if rep % 2 == 0 else ("idle", "none"))]
+        watch: procs.WatchLoad | None = None
         try:
-            warm = self._file([_body(b) for b in data.pids("unknown", 2000)])
-            self._drive(server, "POST", REDEEM, warm, 16, p.warmup_s)
-            # none, idle, idle, none, ...: a drift over the run (the database and the heap
-            # grow with every claim) falls on both sides alike; back-to-back idle runs share
-            # one subscriber process (1,000 connections take seconds to open).
-            modes = [m for rep in range(p.ws_reps)
-                     for m in (("none", "idle") if rep % 2 == 0 else ("idle", "none"))]
-            watch: procs.WatchLoad | None = None
-            try:
-                for i, mode in enumerate(modes):
-                    if mode == "none" and watch is not None:
-                        loads[-1].update(watch.quit())
-                        watch = None
-                    if mode == "idle" and watch is None:
-                        fan = self._take_fresh(p.ws_fanout) if fanout is None else []
-                        fan_file = self.work / f"fanout-{i}.txt"
-                        fan_file.write_text("".join(f"{b.hex()}\n" for b in fan))
-                        watch = procs.start_watchload(server.url, p.ws_idle, fan_file,
-                                                      cpus=self.pinning.generator)
-                        loads.append(watch.ready)
-                    take = self._take_fresh(int(guess * seconds * 1.5) + level + 100)
-                    lines = self._file([_body(b) for b in take])
-                    result, cpu, _, _ = self._drive_server(server, socket, "POST", REDEEM, lines,
-                                                           level, seconds)
-                    guess = max(guess, result.rps)
-                    if result.count_of(EXPECTED["new_claims"]) < 0.99 * result.requests:
-                        self.log(f"  warning: {result.counts} (fresh PIDs ran out?)")
-                    cells[mode].runs.append(result)
-                    cells[mode].server_cpu.append(cpu)
-                    self.log(f"  new claims c={level}, {p.ws_idle if watch else 0:>4} idle "
-                             f"subscribers: {result.rps:7.0f} req/s  p50 "
-                             f"{result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  "
-                             f"server cpu {cpu / result.duration_s:.0%}  in gc "
-                             f"{result.extra['server_gc_share'] or 0:.1%}")
-                    if watch is not None and fanout is None:
-                        fanout = watch.command("fanout", "fanout", timeout=120)
-                        f = fanout["from_send_ms"]
-                        self.log(f"  fan-out ({fanout['events']}/{fanout['claims']} events)"
-                                 f": redeem sent -> claimed event p50 {f['p50']} ms, "
-                                 f"p99 {f['p99']} ms")
-            finally:
-                if watch is not None:
+            for i, mode in enumerate(modes):
+                if mode == "none" and watch is not None:
                     loads[-1].update(watch.quit())
+                    watch = None
+                if mode == "idle" and watch is None:
+                    fan = self._take_fresh(p.ws_fanout) if fanout is None else []
+                    fan_file = self.work / f"fanout-{i}.txt"
+                    fan_file.write_text("".join(f"{b.hex()}\n" for b in fan))
+                    watch = procs.start_watchload(server.url, p.ws_idle, fan_file,
+                                                  cpus=self.pinning.generator)
+                    loads.append(watch.ready)
+                take = self._take_fresh(int(guess * seconds * 1.5) + level + 100)
+                lines = self._file([_body(b) for b in take])
+                result, cpu, _, _ = self._drive_server(server, socket, "POST", REDEEM, lines,
+                                                       level, seconds)
+                guess = max(guess, result.rps)
+                if result.count_of(EXPECTED["new_claims"]) < 0.99 * result.requests:
+                    self.log(f"  warning: {result.counts} (fresh PIDs ran out?)")
+                cells[mode].runs.append(result)
+                cells[mode].server_cpu.append(cpu)
+                self.log(f"  new claims c={level}, {p.ws_idle if watch else 0:>4} idle "
+                         f"subscribers: {result.rps:7.0f} req/s  p50 "
+                         f"{result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  "
+                         f"server cpu {cpu / result.duration_s:.0%}  in gc "
+                         f"{result.extra['server_gc_share'] or 0:.1%}")
+                if watch is not None and fanout is None:
+                    fanout = watch.command("fanout", "fanout", timeout=120)
+                    f = fanout["from_send_ms"]
+                    self.log(f"  fan-out ({fanout['events']}/{fanout['claims']} events)"
+                             f": redeem sent -> claimed event p50 {f['p50']} ms, "
+                             f"p99 {f['p99']} ms")
         finally:
-            server.stop()
+            if watch is not None:
+                loads[-1].update(watch.quit())
         none = cells["none"].summary(EXPECTED["new_claims"])
         idle = cells["idle"].summary(EXPECTED["new_claims"])
         out: dict[str, Any] = {
@@ -835,19 +861,24 @@ class Bench:
             "ingestion": lambda: self.ingestion(base),
             "memory_startup": self.memory,
         }
-        for name in SECTIONS:
-            section = sections[name]
-            if name not in only:
-                self.report[name] = {"status": "not run (--only)"}
-                continue
-            self.log(f"== {name}")
-            mark = time.perf_counter()
-            try:
-                section()
-            except Exception as exc:  # one broken section must not lose the others
-                self.log(f"  {name} failed: {type(exc).__name__}: {exc}")
-                self.report[name] = {"error": f"{type(exc).__name__}: {exc}"}
-            timings[name] = round(time.perf_counter() - mark, 1)
+        try:
+            for name in SECTIONS:
+                section = sections[name]
+                if name not in only:
+                    self.report[name] = {"status": "not run (--only)"}
+                    continue
+                if name not in SERVER_SECTIONS:
+                    self._stop_server()  # the in-process sections have its core to themselves
+                self.log(f"== {name}")
+                mark = time.perf_counter()
+                try:
+                    section()
+                except Exception as exc:  # one broken section must not lose the others
+                    self.log(f"  {name} failed: {type(exc).__name__}: {exc}")
+                    self.report[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                timings[name] = round(time.perf_counter() - mark, 1)
+        finally:
+            self._stop_server()
         if "profile" not in self.report:
             self.report["profile"] = {"status": "not run (pass --profile DIR)"}
         self.report["meta"]["duration_s"] = round(time.perf_counter() - started, 1)

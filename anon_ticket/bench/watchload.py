@@ -19,6 +19,7 @@ stdin:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import sys
@@ -120,12 +121,19 @@ class Load:
                     from_send.append((got[pid] - sent) * 1000)
                     from_response.append((got[pid] - answered) * 1000)
                 await trio.sleep(0.005)
-        for ws in watchers:
-            await ws.aclose()
+        await close_all(watchers)
         return {
             "claims": len(pids), "events": len(from_send), "statuses": statuses,
             "from_send_ms": _dist(from_send), "from_response_ms": _dist(from_response),
         }
+
+
+async def close_all(connections: list[WebSocketConnection]) -> None:
+    """Close them side by side: each close waits for the server's close frame, and one after
+    the other 1,000 took seconds of the benchmark's time."""
+    async with trio.open_nursery() as closing:
+        for ws in connections:
+            closing.start_soon(ws.aclose)
 
 
 def _dist(values: list[float]) -> dict[str, float | None]:
@@ -156,8 +164,7 @@ async def main(url: str, idle: int, fanout_pids: list[str]) -> None:
                 break
         _say({"idle_closed_by_server": load.closed_idle,
               "messages_to_idle": load.messages_to_idle})
-        for ws in load.idle:
-            await ws.aclose()
+        await close_all(load.idle)
         nursery.cancel_scope.cancel()
 
 
@@ -168,3 +175,4 @@ if __name__ == "__main__":
     parser.add_argument("--fanout", type=Path, default=None)
     args = parser.parse_args()
     trio.run(main, args.url, args.idle, args.fanout.read_text().split() if args.fanout else [])
+    gc.freeze()  # ending: the closing collections need not walk a thousand closed connections
