@@ -8,9 +8,11 @@ measures the storage actor alone (group commit vs one transaction a claim vs raw
 ingestion through the record-transfers path, and memory and start-up with 1M recorded PIDs;
 then writes a JSON report (every figure, ratios, targets, pass/fail) and prints a table.
 
-`--quick` is a smoke test of a minute or two (64 connections only, 2 s runs, small databases;
-the 1M database is written by bulk SQL instead of the import); the full run (four connection
-levels, three repetitions of 5 s runs) takes about twenty minutes on a slow day.
+`--quick` is a smoke test of under a minute (64 connections only, one 2 s run a scenario,
+small databases; the 1M database is written by bulk SQL instead of the import): its ratios
+move by +-0.2 on a shared machine. The full run (four connection levels, three repetitions of
+5 s runs, the ceiling between every two scenarios) takes about twenty minutes and is the one
+the targets are judged on.
 `--profile DIR` also samples the server with py-spy (when installed) during the redeem and
 token paths and summarises where the time goes.
 """
@@ -28,8 +30,8 @@ SECTIONS = ("http", "websocket", "storage", "ingestion", "memory_startup")
 
 def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
-                   help="a smoke test of a minute or two: 64 connections only, shorter runs, "
-                        "smaller databases")
+                   help="a smoke test of under a minute: 64 connections only, one short run "
+                        "a scenario, smaller databases")
     p.add_argument("--out", metavar="REPORT.json", help="write the JSON report here")
     p.add_argument("--profile", metavar="DIR",
                    help="also sample the server with py-spy (if installed) and summarise "

@@ -797,7 +797,7 @@ class Bench:
         else:
             seconds = data.bulk_load(db, p.big_pids)
             load = {"loaded_by": "bulk SQL into our schema (--quick: db import-legacy would "
-                                 "take about a minute for 1M rows)",
+                                 "take most of the minute by itself)",
                     "load_seconds": round(seconds, 1),
                     "load_rows_per_s": round(p.big_pids / seconds, 0)}
         self.log(f"  loaded {p.big_pids} PIDs in {load['load_seconds']} s "
