@@ -305,6 +305,31 @@ async def test_the_wal_stays_bounded_under_one_commit_per_claim(tmp_path: Path) 
 
 
 @pytest.mark.usefixtures("small_wal")
+async def test_the_log_file_is_cut_back_after_a_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # SQLite reuses the log file from its start after a RESTART but keeps its largest size,
+    # unless a size limit is set: then the first commit after it truncates the file.
+    from actors import storage
+    limit = 16 * 4096
+    monkeypatch.setattr(storage, "WAL_SIZE_LIMIT", limit)
+    pids = [PaymentId.generate() for _ in range(400)]
+    async with run_core(tmp_path, batch_limit=1) as core:
+        wal = Path(f"{core.db_path}-wal")
+        largest = 0
+        after_restart: list[int] = []
+        restarts = _checkpoints(core, "restart")
+        for pid in pids:
+            await core.pay(pid)
+            largest = max(largest, wal.stat().st_size)
+            if _checkpoints(core, "restart") > restarts:
+                restarts = _checkpoints(core, "restart")
+                await core.pay(PaymentId.generate())  # the first commit after it
+                after_restart.append(wal.stat().st_size)
+    assert largest > 140 * 4096  # the log reached the RESTART bound (160 pages)...
+    assert after_restart and max(after_restart) <= limit + 8 * 4200  # ...and was cut back
+
+
+@pytest.mark.usefixtures("small_wal")
 async def test_a_reader_holding_the_log_delays_its_restart_but_no_claim(tmp_path: Path) -> None:
     pids = [PaymentId.generate() for _ in range(300)]
     async with run_core(tmp_path, batch_limit=1) as core:
