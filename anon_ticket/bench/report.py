@@ -180,7 +180,9 @@ def render(report: dict[str, Any]) -> str:
     if http:
         out.append("")
         out.append(f"HTTP over loopback ({http.get('duration_note', '')}; median of "
-                   f"{http.get('repetitions', 1)}); ratios to the quart-trio ceiling at the "
+                   f"{http.get('repetitions', 1)}, of "
+                   f"{http.get('repetitions_at_target_level', http.get('repetitions', 1))} at "
+                   f"{TARGET_LEVEL}); ratios to the quart-trio ceiling at the "
                    "same connections")
         rows: list[list[str]] = []
         for scenario, label in SCENARIOS.items():
