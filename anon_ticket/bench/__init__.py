@@ -11,8 +11,8 @@ then writes a JSON report (every figure, ratios, targets, pass/fail) and prints 
 `--quick` is a smoke test of under a minute (64 connections only, one 2 s run a scenario,
 small databases; the 1M database is written by bulk SQL instead of the import): its ratios
 move by +-0.2 on a shared machine. The full run (four connection levels, three repetitions of
-5 s runs, the ceiling between every two scenarios) takes about twenty minutes and is the one
-the targets are judged on.
+5 s runs and five at 64 connections, the ceiling between every two scenarios there) takes
+about twenty minutes and is the one the targets are judged on.
 `--profile DIR` also samples the server with py-spy (when installed) during the redeem and
 token paths and summarises where the time goes.
 """
