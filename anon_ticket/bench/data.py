@@ -147,7 +147,7 @@ def bulk_load(db_path: Path, count: int) -> float:
     stride = (2**63 - 1) // (count + 1)
     numbers = ("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?), "
                f"ids(i, pid) AS (SELECT i, unhex(printf('%016x', i * {stride} + "
-               f"(i * 2654435761) % {stride}))  FROM n) ")
+               f"(i * 2654435761) % {stride})) FROM n) ")
     try:
         conn.execute("PRAGMA journal_mode = OFF")
         conn.execute("PRAGMA synchronous = OFF")

@@ -73,6 +73,10 @@ class Child:
     port: int
     log_path: Path
     spawned_at: float
+    # Ready once `ready_path` answers: 200 only (the server's /healthz), or anything (a
+    # ceiling app, which serves one route).
+    ready_path: str = "/"
+    ready_any_status: bool = True
     ready_s: float | None = None
     data_dir: Path | None = None
     _log_file: IO[bytes] | None = field(default=None, repr=False)
@@ -110,9 +114,10 @@ class Child:
             fields = f.read().rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
-    def wait_ready(self, path: str, *, timeout: float, any_status: bool = False) -> float:
-        """Poll `path` until it answers 200 (or anything, with `any_status`); seconds since
-        the process was spawned."""
+    def wait_ready(self, *, timeout: float) -> float:
+        """Poll `ready_path` until it answers as it should; seconds since the process was
+        spawned."""
+        path, any_status = self.ready_path, self.ready_any_status
         deadline = time.perf_counter() + timeout
         with httpx.Client(timeout=1.0) as client:
             while time.perf_counter() < deadline:
@@ -155,12 +160,14 @@ class Child:
 
 def spawn(name: str, cmd: Sequence[str], *, port: int, log_path: Path,
           cpus: set[int] | None, env: dict[str, str] | None = None,
-          data_dir: Path | None = None) -> Child:
+          data_dir: Path | None = None, ready_path: str = "/",
+          ready_any_status: bool = True) -> Child:
     log = open(log_path, "wb")
     spawned = time.perf_counter()
     proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, **(env or {})}, preexec_fn=_pin(cpus))
-    return Child(name, proc, port, log_path, spawned, data_dir=data_dir, _log_file=log)
+    return Child(name, proc, port, log_path, spawned, ready_path=ready_path,
+                 ready_any_status=ready_any_status, data_dir=data_dir, _log_file=log)
 
 
 def spawn_server(data_dir: Path, *, cpus: set[int] | None, log_path: Path,
@@ -173,7 +180,8 @@ def spawn_server(data_dir: Path, *, cpus: set[int] | None, log_path: Path,
            "--pid-bloom-entries", str(bloom_entries), "--pid-bloom-fp-rate", repr(fp_rate),
            *extra, "serve"]
     return spawn("anon-ticket", cmd, port=port, log_path=log_path, cpus=cpus,
-                 env={"MONERO_RPC_URL": UNUSED_WALLET}, data_dir=data_dir)
+                 env={"MONERO_RPC_URL": UNUSED_WALLET}, data_dir=data_dir,
+                 ready_path="/healthz", ready_any_status=False)
 
 
 def spawn_ceiling(kind: str, *, cpus: set[int] | None, log_path: Path) -> Child:
@@ -185,14 +193,11 @@ def spawn_ceiling(kind: str, *, cpus: set[int] | None, log_path: Path) -> Child:
 
 def ready(children: Sequence[Child], *, cpus: set[int] | None,
           timeout: float = 120.0) -> None:
-    """Wait until every child answers (the server its /healthz with 200, a ceiling anything),
-    then pin them all to `cpus`; on failure stop them all."""
+    """Wait until every child is ready, then pin them all to `cpus`; on failure stop them
+    all."""
     try:
         for child in children:
-            if child.data_dir is not None:
-                child.wait_ready("/healthz", timeout=timeout)
-            else:
-                child.wait_ready("/", timeout=timeout, any_status=True)
+            child.wait_ready(timeout=timeout)
             child.pin(cpus)
     except BaseException:
         for child in children:

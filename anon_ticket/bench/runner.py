@@ -282,6 +282,7 @@ class Bench:
         `beside` (just spawned) started next to it: all start unpinned, on every core, and
         are pinned to the server's core once ready."""
         starting = list(beside or [])
+        new_server = self.server is None
         if self.server is None:
             self.server = procs.spawn_server(data_dir, cpus=None,
                                              log_path=self.work / "server.log")
@@ -291,10 +292,9 @@ class Bench:
         except BaseException:
             self.server = None
             raise
-        if starting and starting[0] is self.server:
+        if new_server:
             self.log(f"server ready in {self.server.ready_s:.2f} s"
-                     + (f" (beside {len(starting) - 1} ceiling apps)" if len(starting) > 1
-                        else ""))
+                     + (f" (beside {len(beside)} ceiling apps)" if beside else ""))
         self._warm_up(starting)
         return self.server
 
