@@ -23,6 +23,19 @@ from supervisors.mailbox import Mailbox
 from supervisors.supervisor import Backoff, ChildSpec, Strategy, Supervisor
 
 
+class ReplySlot:
+    """A reply slot for envelopes handed straight to an actor's handler or mailbox: keeps the
+    answer and sets `done`."""
+
+    def __init__(self) -> None:
+        self.value: Any = None
+        self.done = trio.Event()
+
+    def put(self, value: object) -> None:
+        self.value = value
+        self.done.set()
+
+
 @dataclass
 class Core:
     storage: Mailbox[Any]

@@ -10,18 +10,11 @@ from anon_ticket.domain.ids import PaymentId, ServiceToken
 from anon_ticket.domain.messages import EventKind, Publish, TicketEvent
 from anon_ticket.metrics import Metrics
 from supervisors.mailbox import Envelope, Mailbox
-
-
-class Slot:
-    def __init__(self) -> None:
-        self.value: Any = None
-
-    def put(self, value: object) -> None:
-        self.value = value
+from tests.actors.core import ReplySlot
 
 
 def ask(handler: Any, msg: object) -> Any:
-    slot = Slot()
+    slot = ReplySlot()
     handler(Envelope(msg, slot, float("inf")))  # type: ignore[arg-type]
     return slot.value
 

@@ -31,7 +31,7 @@ from anon_ticket.domain.messages import (
 from anon_ticket.domain.tokens import derive_hmac
 from anon_ticket.errors import NotFound, Unavailable
 from supervisors.mailbox import Envelope
-from tests.actors.core import run_core
+from tests.actors.core import ReplySlot, run_core
 
 
 class CommitCounter:
@@ -167,18 +167,6 @@ async def test_one_failing_request_does_not_sink_its_batch(tmp_path: Path) -> No
                         (half.raw,)).fetchone() == (0,)
 
 
-class _Slot:
-    """A reply slot for envelopes put straight into storage's mailbox."""
-
-    def __init__(self) -> None:
-        self.value: Any = None
-        self.done = trio.Event()
-
-    def put(self, value: object) -> None:
-        self.value = value
-        self.done.set()
-
-
 async def test_events_reach_the_hub_in_commit_order_across_a_batch(tmp_path: Path) -> None:
     # A claim and, in the same batch, a top-up of that ticket with a new payment: the top-up's
     # events travel with the new id's Bloom acknowledgement, the claim's in the batch's
@@ -187,7 +175,7 @@ async def test_events_reach_the_hub_in_commit_order_across_a_batch(tmp_path: Pat
     async with run_core(tmp_path) as core:
         pid, new = PaymentId.generate(), PaymentId.generate()
         await core.pay(pid)  # seq 1
-        claim, record = _Slot(), _Slot()
+        claim, record = ReplySlot(), ReplySlot()
         top_up = RecordTransfers((Transfer(os.urandom(32), pid, 5, 2),
                                   Transfer(os.urandom(32), new, 5, 2)))
         # Both queued before storage runs again: one batch, the claim first.
