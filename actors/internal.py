@@ -38,7 +38,6 @@ from anon_ticket.errors import AnonTicketError, InvalidInput
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
 from anon_ticket.web import (
-    App,
     describe_socket,
     install_error_handlers,
     json_error,
@@ -107,7 +106,7 @@ class Internal:
                             shutdown=self._stop.wait, task_status=task_status)
 
     def create_app(self) -> QuartTrio:
-        app = App("anon_ticket.internal")
+        app = QuartTrio("anon_ticket.internal")
         app.config["MAX_CONTENT_LENGTH"] = self.config.max_body_bytes
         install_error_handlers(app)
         cfg = self.config

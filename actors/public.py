@@ -51,7 +51,6 @@ from anon_ticket.errors import AnonTicketError, InvalidInput, NotFound, Unavaila
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
 from anon_ticket.web import (
-    App,
     describe_socket,
     error_response,
     install_error_handlers,
@@ -317,7 +316,7 @@ class Public:
     # --- the app ----------------------------------------------------------------------------
 
     def create_app(self) -> QuartTrio:
-        app = App("anon_ticket.public")
+        app = QuartTrio("anon_ticket.public")
         app.config["MAX_CONTENT_LENGTH"] = self.config.max_body_bytes
         install_error_handlers(app)
         cfg = self.config

@@ -4,6 +4,10 @@ Sockets (I9): hypercorn would unlink whatever sits at a `unix:` path and set mod
 process umask, so we bind the socket ourselves and hand hypercorn the file descriptor. Only a
 stale socket (S_ISSOCK and connection refused) is removed; a live one or any other file is an
 error. The mapping of errors to HTTP responses lives here alone (I10).
+
+hypercorn is pinned (0.18.0) and patched below, each patch explained where it is made: a
+websocket's keepalive loop ends with its stream, and a connection's keep-alive timer is one
+task whose deadline moves rather than a task started and cancelled for every request.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import socket
 import stat
@@ -24,10 +29,9 @@ from hypercorn.config import Config as HyperConfig
 from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio import serve as hyper_serve
+from hypercorn.trio import tcp_server
 from quart import Response
-from quart.asgi import ASGIHTTPConnection
 from quart_trio import QuartTrio
-from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException
 from wsproto.events import Ping
 
@@ -43,6 +47,7 @@ from anon_ticket.logs import get_logger
 log = get_logger("web")
 
 MAX_UNIX_PATH = 107
+KEEP_ALIVE_SECS = 30.0  # an idle keep-alive connection is closed after this long
 JSON = "application/json"
 
 _HTTP_TEXT = {
@@ -56,30 +61,6 @@ _HTTP_TEXT = {
     415: "unsupported media type",
     431: "request header fields too large",
 }
-
-
-class _HTTPConnection(TrioASGIHTTPConnection):
-    """quart-trio's HTTP connection, minus a race that left keep-alive connections unwatched.
-
-    Once the response is complete hypercorn tells the app `http.disconnect` and, in the same
-    call chain, starts the connection's keep-alive timer. quart-trio's message task cancelled
-    the request task on that disconnect, which cancelled the timer's start: idle keep-alive
-    connections were then never closed, neither after `keep_alive_timeout` nor at shutdown
-    (a stop waited out the whole grace period for one idle client). A disconnect before the
-    response still cancels the handler, as before.
-    """
-
-    _responding = False
-
-    async def handle_messages(  # type: ignore[override]
-            self, nursery: trio.Nursery, request: Any, receive: Any) -> None:
-        await ASGIHTTPConnection.handle_messages(self, request, receive)
-        if not self._responding:
-            nursery.cancel_scope.cancel()
-
-    async def _send_response(self, send: Any, response: Any) -> None:
-        self._responding = True  # from here on the request task ends by itself
-        await super()._send_response(send, response)
 
 
 async def _send_pings(self: Any) -> None:
@@ -108,15 +89,86 @@ async def _handle(self: Any, event: Any) -> None:
     await _ws_handle(self, event)
 
 
+class _IdleTimer:
+    """hypercorn's keep-alive timer for one connection (`TCPServer.idle_task`): one task for
+    the connection's life whose deadline moves, instead of a task started and cancelled for
+    every request.
+
+    hypercorn starts a task (`nursery.start`) each time a connection goes idle and cancels it
+    when the next request arrives: scheduler round trips and a cancellation for every
+    request. Here going idle sets a deadline and going busy lifts it; neither wakes anything
+    and neither has a checkpoint, so a cancelled request task cannot lose the timer either
+    (quart-trio cancels the request task on `http.disconnect`, in the very call chain that
+    starts the timer: with hypercorn's own timer, idle connections were never closed). Same
+    rules as hypercorn's: an idle connection is closed once `keep_alive_timeout` passes, or
+    at once when the server stops; a busy one is left to finish.
+    """
+
+    __slots__ = ("_armed", "_closed", "_deadline", "_scope", "_started", "_wake")
+
+    def __init__(self) -> None:
+        self._armed = self._closed = self._started = False
+        self._deadline = math.inf
+        self._scope: trio.CancelScope | None = None
+        self._wake = trio.Event()
+
+    async def restart(self, task_group: Any, action: Callable[[], Awaitable[None]]) -> None:
+        server = action.__self__  # type: ignore[attr-defined]  # (the TCPServer's method)
+        self._armed = True
+        self._deadline = trio.current_time() + server.config.keep_alive_timeout
+        if self._scope is not None:
+            self._scope.deadline = self._deadline
+        elif not self._started:
+            self._started = True
+            task_group._nursery.start_soon(self._run, server, name="keep-alive timer")
+        else:
+            self._wake.set()
+
+    async def stop(self) -> None:
+        self._armed = False
+        if self._scope is not None:
+            self._scope.deadline = math.inf
+
+    def close(self) -> None:
+        """The connection is over: the task ends (it would hold the connection's nursery)."""
+        self._closed = True
+        self._armed = False
+        if self._scope is not None:
+            self._scope.cancel()
+        self._wake.set()
+
+    async def _run(self, server: Any) -> None:
+        terminated = server.context.terminated
+        while not self._closed:
+            if not self._armed:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                continue
+            with trio.CancelScope(deadline=self._deadline) as self._scope:
+                await terminated.wait()
+            self._scope = None
+            if self._armed and not self._closed and (
+                    terminated.is_set() or trio.current_time() >= self._deadline):
+                with trio.CancelScope(shield=True):
+                    await server._initiate_server_close()
+                return
+
+
+_read_data = tcp_server.TCPServer._read_data
+
+
+async def _read_data_then_end_timer(self: Any) -> None:
+    try:
+        await _read_data(self)
+    finally:
+        self.idle_task.close()
+
+
 # hypercorn pinned at 0.18.0
 WSStream._send_pings = _send_pings  # type: ignore[method-assign]
 WSStream.handle = _handle  # type: ignore[method-assign]
-
-
-class App(QuartTrio):
-    """QuartTrio with the connection class above."""
-
-    asgi_http_class = _HTTPConnection
+tcp_server.TrioSingleTask = _IdleTimer  # type: ignore[attr-defined,assignment]
+tcp_server.TCPServer._read_data = _read_data_then_end_timer  # type: ignore[method-assign]
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None
@@ -274,7 +326,8 @@ async def serve_app(app: QuartTrio, sock: socket.socket, *, grace: float,
                     shutdown: Callable[[], Awaitable[None]],
                     task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
                     ws_ping_interval: float | None = None,
-                    ws_max_message: int = 16 * 1024) -> None:
+                    ws_max_message: int = 16 * 1024,
+                    keep_alive_timeout: float = KEEP_ALIVE_SECS) -> None:
     cfg = HyperConfig()
     # hypercorn wraps the descriptor in a socket object it closes itself: give it a duplicate
     # so our socket (and the unix path it guards) stays ours to close.
@@ -283,7 +336,7 @@ async def serve_app(app: QuartTrio, sock: socket.socket, *, grace: float,
     cfg.errorlog = logging.getLogger("hypercorn.error")
     cfg.graceful_timeout = grace
     cfg.include_server_header = False
-    cfg.keep_alive_timeout = 30
+    cfg.keep_alive_timeout = keep_alive_timeout
     cfg.websocket_ping_interval = ws_ping_interval
     cfg.websocket_max_message_size = ws_max_message
     await hyper_serve(app, cfg, shutdown_trigger=shutdown, task_status=task_status)

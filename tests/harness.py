@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def count_tasks(matches: Callable[[trio.lowlevel.Task], bool]) -> int:
+    """Tasks of this trio run (servers under test run in it) that `matches` picks."""
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    count, todo = 0, [root]
+    while todo:
+        task = todo.pop()
+        count += matches(task)
+        for nursery in task.child_nurseries:
+            todo.extend(nursery.child_tasks)
+    return count
 
 
 def make_settings(data_dir: Path, **overrides: object) -> Settings:

@@ -19,7 +19,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 from actors.hub import HubStats
 from anon_ticket.domain.ids import PaymentId
 from anon_ticket.domain.messages import RecordTransfers, Transfer
-from tests.harness import Server, running_server
+from tests.harness import Server, count_tasks, running_server
 
 
 @asynccontextmanager
@@ -347,15 +347,7 @@ def _is_keepalive(task: trio.lowlevel.Task) -> bool:
 
 def _keepalive_tasks() -> int:
     """Websocket keepalive tasks alive in this trio run (the server runs in it)."""
-    root = trio.lowlevel.current_root_task()
-    assert root is not None
-    count, todo = 0, [root]
-    while todo:
-        task = todo.pop()
-        count += _is_keepalive(task)
-        for nursery in task.child_nurseries:
-            todo.extend(nursery.child_tasks)
-    return count
+    return count_tasks(_is_keepalive)
 
 
 class _PingSteps(trio.abc.Instrument):
