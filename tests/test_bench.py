@@ -9,7 +9,13 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import apsw
 import pytest
@@ -174,6 +180,60 @@ def test_wrk_drives_the_raw_asgi_ceiling(tmp_path: Path) -> None:
     assert r.socket_errors == 0
     assert r.wrapped >= 1  # 49 lines, cycled
     assert r.generator_cpu is not None and cpu > 0
+
+
+class _FirstRequests(BaseHTTPRequestHandler):
+    """Keep-alive HTTP that notes, per connection, how long after the accept its first
+    request came."""
+
+    protocol_version = "HTTP/1.1"
+    waits: ClassVar[list[float]] = []  # a subclass per server gets its own
+
+    def setup(self) -> None:
+        super().setup()
+        self.accepted, self.first = time.monotonic(), True
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if self.first:
+            self.first = False
+            self.waits.append(time.monotonic() - self.accepted)
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def _first_request_server() -> Iterator[tuple[str, list[float]]]:
+    waits: list[float] = []
+    handler = type("Handler", (_FirstRequests,), {"waits": waits})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", waits
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_wrk_spreads_the_first_requests_of_its_connections(tmp_path: Path) -> None:
+    # wrk opens every connection at once; the script holds each first request back a random
+    # 0..stagger ms, so a run does not start with a burst that its p99 would be made of.
+    script = wrk.write_script(tmp_path)
+    lines = wrk.write_lines(tmp_path / "bodies.txt", ['{"pid":"0123456789abcdef"}'])
+    with _first_request_server() as (url, waits):
+        r = wrk.run_wrk(url, script=script, method="POST", path="/", lines_file=lines,
+                        connections=8, duration_s=2, stagger_ms=1000)
+    assert r.requests > 8 and len(waits) == 8
+    # Eight draws from 0..1000 ms: all within 250 ms of each other has odds of about 1e-4.
+    assert max(waits) - min(waits) > 0.25
+    assert max(waits) < 1.5
+    assert wrk.stagger_for(64) == 256 and wrk.stagger_for(256) == wrk.MAX_STAGGER_MS
 
 
 def test_storage_alone_and_ingestion_on_an_imported_database(tmp_path: Path) -> None:

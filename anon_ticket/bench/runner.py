@@ -851,7 +851,10 @@ class Bench:
             "started_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "cpus": os.cpu_count(), "cpu_model": _cpu_model(),
             "pinning": self.pinning.as_dict(),
-            "generator": f"{wrk.wrk_version()} with a Lua replay script, 1 thread",
+            "generator": (f"{wrk.wrk_version()} with a Lua replay script, 1 thread; each "
+                          "connection's first request held back a random 0 to "
+                          f"{wrk.STAGGER_MS_PER_CONNECTION} ms x connections (at most "
+                          f"{wrk.MAX_STAGGER_MS} ms) so the run does not start with a burst"),
             "versions": _versions(),
             "loadavg_at_start": _loadavg(),
             "calibration": _calibrate(),
