@@ -10,8 +10,8 @@ through them, classifies every response (status, and for a 200 redeem `success` 
 `parse_wrk_output` reads that line (and nothing else), so the parser can be checked on a
 canned output without running wrk.
 
-wrk opens all its connections at once, and the first request on each waits while the server
-sets up all the others: in a 5 s run at 64 connections that burst was most of the p99 (the
+wrk opens all its connections at once, and the first requests seem to wait while the server
+sets up all of them: in a 5 s run at 64 connections that burst was most of the p99 (the
 quart-trio ceiling: p99/p50 2.0 to 3.4, median 2.4; with the first requests spread, 1.2 to
 1.5, median 1.4; the same rates). So the script's `delay()` holds each connection's first
 request back a random 0 to `stagger_ms` (4 ms a connection, at most a second); wrk starts
@@ -21,6 +21,7 @@ its latency clock when it sends a request, so the wait is not counted as latency
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -245,7 +246,7 @@ def run_wrk(url: str, *, script: Path, method: str, path: str, lines_file: Path,
     cmd = [exe, "-t", str(threads), "-c", str(connections), "-d", f"{duration_s}s",
            "--timeout", f"{timeout_s}s", "-s", str(script), url,
            "--", method, str(lines_file), path, str(threads),
-           str(-(-connections // threads)), str(stagger)]
+           str(math.ceil(connections / threads)), str(stagger)]
     with tempfile.TemporaryFile(mode="w+") as out:
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
