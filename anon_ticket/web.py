@@ -104,23 +104,24 @@ class _IdleTimer:
     at once when the server stops; a busy one is left to finish.
     """
 
-    __slots__ = ("_armed", "_closed", "_deadline", "_scope", "_started", "_wake")
+    __slots__ = ("_armed", "_closed", "_deadline", "_scope", "_server", "_started", "_wake")
 
-    def __init__(self) -> None:
+    def __init__(self, server: Any) -> None:
+        self._server = server  # its TCPServer
         self._armed = self._closed = self._started = False
         self._deadline = math.inf
         self._scope: trio.CancelScope | None = None
         self._wake = trio.Event()
 
-    async def restart(self, task_group: Any, action: Callable[[], Awaitable[None]]) -> None:
-        server = action.__self__  # type: ignore[attr-defined]  # (the TCPServer's method)
+    async def restart(self, task_group: Any, action: object) -> None:
+        """Idle from now (`action`, hypercorn's timer body, is not used)."""
         self._armed = True
-        self._deadline = trio.current_time() + server.config.keep_alive_timeout
+        self._deadline = trio.current_time() + self._server.config.keep_alive_timeout
         if self._scope is not None:
             self._scope.deadline = self._deadline
         elif not self._started:
             self._started = True
-            task_group._nursery.start_soon(self._run, server, name="keep-alive timer")
+            task_group._nursery.start_soon(self._run, name="keep-alive timer")
         else:
             self._wake.set()
 
@@ -137,7 +138,8 @@ class _IdleTimer:
             self._scope.cancel()
         self._wake.set()
 
-    async def _run(self, server: Any) -> None:
+    async def _run(self) -> None:
+        server = self._server
         terminated = server.context.terminated
         while not self._closed:
             if not self._armed:
@@ -154,7 +156,13 @@ class _IdleTimer:
                 return
 
 
+_tcp_init = tcp_server.TCPServer.__init__
 _read_data = tcp_server.TCPServer._read_data
+
+
+def _init_with_timer(self: Any, *args: Any) -> None:
+    _tcp_init(self, *args)
+    self.idle_task = _IdleTimer(self)
 
 
 async def _read_data_then_end_timer(self: Any) -> None:
@@ -167,7 +175,7 @@ async def _read_data_then_end_timer(self: Any) -> None:
 # hypercorn pinned at 0.18.0
 WSStream._send_pings = _send_pings  # type: ignore[method-assign]
 WSStream.handle = _handle  # type: ignore[method-assign]
-tcp_server.TrioSingleTask = _IdleTimer  # type: ignore[attr-defined,assignment]
+tcp_server.TCPServer.__init__ = _init_with_timer  # type: ignore[method-assign,assignment]
 tcp_server.TCPServer._read_data = _read_data_then_end_timer  # type: ignore[method-assign]
 
 
