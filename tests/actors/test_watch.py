@@ -310,11 +310,14 @@ async def test_a_watcher_that_stops_reading_is_closed_and_slows_nothing(
                 # ...within the stated time: the send timeout (2 s here) after the kernel's
                 # socket buffers (a few hundred KB on loopback) have filled up
                 assert closed_after is not None and closed_after < 20
-            # ...and it slowed nobody down: throughput on a core of its own (per CPU second)
-            # at least 0.9 of the runs without it, and no stall (wall rate, coarsely)
+            # ...and it slowed nobody down: no busy loop on its full socket (redeems per CPU
+            # second at least 0.7 of the runs without it: a spin would halve them) and no
+            # stall (wall rate, coarsely). Finer than that a unit test cannot judge here:
+            # paired runs of the same code moved from 0.79 to 1.23 within one test; the
+            # benchmark's websocket section measures the cost of watchers to the percent.
             paired = [r[1] / statistics.fmean((plain[i][1], plain[i + 1][1]))
                       for i, (r, _, _) in enumerate(stuck)]
-            assert statistics.median(paired) >= 0.9, (paired, stuck, plain)
+            assert statistics.median(paired) >= 0.7, (paired, stuck, plain)
             assert (statistics.median(r[0] for r, _, _ in stuck)
                     >= 0.5 * statistics.median(r[0] for r in plain))
             await send(healthy, op="ping")  # the healthy watcher is still connected
