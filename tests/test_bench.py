@@ -20,7 +20,7 @@ from typing import ClassVar
 import apsw
 import pytest
 
-from anon_ticket.bench import data, inproc, procs, profiling, report, wrk
+from anon_ticket.bench import data, inproc, procs, profiling, report, runner, wrk
 
 # What `wrk -s replay.lua` prints (the text part is wrk's own; the last line is the script's).
 CANNED_WRK = """\
@@ -85,6 +85,25 @@ def test_batch_histogram_is_read_from_metrics() -> None:
     assert dist["batches"] == 18 and dist["requests"] == 30
     assert dist["mean_batch"] == pytest.approx(30 / 18, abs=0.01)
     assert dist["buckets"] == {"1": 10, "2": 5, "3-4": 3, "5-8": 0}
+
+
+def test_a_runs_stall_events_are_read_from_the_servers_own_metrics() -> None:
+    # The server's registry itself, so a renamed metric fails here and not silently in a run.
+    from prometheus_client import generate_latest
+
+    from anon_ticket.metrics import Metrics
+    m = Metrics()
+    before = generate_latest(m.registry).decode()
+    m.gc_times.collections[2] += 1
+    m.wal_checkpoints.labels("passive").inc(3)
+    m.wal_checkpoints.labels("restart").inc()
+    for seconds in (0.001, 0.02, 0.03, 0.3):
+        m.commit_seconds.observe(seconds)
+    after = generate_latest(m.registry).decode()
+    assert runner._stall_events(before, after) == {
+        "gc_full": 1, "checkpoint_passive": 3, "checkpoint_restart": 1, "slow_commits": 2}
+    assert runner._stall_events(after, after) == {
+        "gc_full": 0, "checkpoint_passive": 0, "checkpoint_restart": 0, "slow_commits": 0}
 
 
 def test_profile_summary_sorts_samples_into_layers() -> None:

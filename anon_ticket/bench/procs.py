@@ -307,6 +307,16 @@ def counter_total(text: str, name: str) -> float:
     return total
 
 
+def counter_by_label(text: str, name: str) -> dict[str, float]:
+    """A one-label Prometheus counter's values by label value (`name{k="v"} 3.0` → v: 3)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{"):
+            label = line.split('"', 2)[1]
+            out[label] = out.get(label, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def histogram_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {k: after[k] - before.get(k, 0.0) for k in after}
 

@@ -73,6 +73,10 @@ FULL = Plan("full", levels=(1, 16, 64, 256), seconds={1: 5, 16: 5, 64: 5, 256: 5
             big_pids=1_000_000, big_via_import=True, startup_runs=3, profile_s=8, ws_reps=3)
 
 GC_SECONDS = "anon_ticket_gc_seconds_total"
+GC_COLLECTIONS = "anon_ticket_gc_collections_total"
+CHECKPOINTS = "anon_ticket_storage_wal_checkpoints_total"
+COMMIT_SECONDS = "anon_ticket_storage_commit_seconds"
+SLOW_COMMIT = "0.025"  # a transaction slower than this (seconds) shows in a run's latency tail
 SERVER_SECTIONS = ("http", "websocket")  # these share one server process, started once
 
 INVALID_BODIES = ('{"pid":"zzzzzzzzzzzzzzzz"}', '{"pid":"0123"}', '{"pid":"0000000000000000"}',
@@ -198,6 +202,8 @@ class Cell:
                 r.extra["server_gc_share"] for r in runs
                 if r.extra.get("server_gc_share") is not None]) else None),
             "generator_cpu": max((r.generator_cpu or 0.0) for r in runs),
+            **({"server_events_runs": events} if (events := [
+                r.extra["server_events"] for r in runs if "server_events" in r.extra]) else {}),
         }
 
 
@@ -217,6 +223,23 @@ def _pair_with_ceiling(sequence: list[tuple[str, WrkResult, float]],
         cells[name].paired_rps.append(statistics.fmean(r.rps for _, r, _ in near))
         cpu_us = [c for _, r, cpu in near if (c := _cpu_us(cpu, r))]
         cells[name].paired_cpu_us.append(statistics.fmean(cpu_us) if cpu_us else 0.0)
+
+
+def _stall_events(before: str, after: str) -> dict[str, int]:
+    """What in a run's /metrics may stall the loop for a while, to read a run's tail by:
+    full collections, WAL checkpoints by mode, transactions slower than SLOW_COMMIT."""
+    def delta(name: str) -> dict[str, float]:
+        a, b = procs.counter_by_label(before, name), procs.counter_by_label(after, name)
+        return {k: v - a.get(k, 0.0) for k, v in b.items()}
+    commits = procs.histogram_delta(procs.histogram(before, COMMIT_SECONDS),
+                                    procs.histogram(after, COMMIT_SECONDS))
+    checkpoints = delta(CHECKPOINTS)
+    return {
+        "gc_full": round(delta(GC_COLLECTIONS).get("2", 0.0)),
+        "checkpoint_passive": round(checkpoints.get("passive", 0.0)),
+        "checkpoint_restart": round(checkpoints.get("restart", 0.0)),
+        "slow_commits": round(commits.get("_count", 0.0) - commits.get(SLOW_COMMIT, 0.0)),
+    }
 
 
 def _merge(dicts: list[dict[str, int]]) -> dict[str, int]:
@@ -350,6 +373,7 @@ class Bench:
         gc_s = procs.counter_total(after, GC_SECONDS) - procs.counter_total(before, GC_SECONDS)
         result.extra["server_gc_share"] = (round(gc_s / result.duration_s, 4)
                                            if result.duration_s else None)
+        result.extra["server_events"] = _stall_events(before, after)
         return result, cpu, before, after
 
     def _http_runs(self, legacy: data.LegacySet, server: procs.Child,
@@ -453,7 +477,9 @@ class Bench:
                              f"req/s  p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms"
                              f"  ok {ok}/{total}  server cpu {cpu / result.duration_s:.0%}"
                              + (f"  in gc {gc:.1%}" if (gc := result.extra.get(
-                                 "server_gc_share")) is not None else ""))
+                                 "server_gc_share")) is not None else "")
+                             + "".join(f"  {k} {v}" for k, v in result.extra.get(
+                                 "server_events", {}).items() if v))
                 if level == report.TARGET_LEVEL:
                     _pair_with_ceiling(sequence, {k: v[level] for k, v in cells.items()
                                                   if level in v})
