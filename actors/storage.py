@@ -90,13 +90,15 @@ CACHE_KIB = 32 * 1024
 # A passive checkpoint runs (off the loop) once this many pages were written to the WAL
 # since the last one...
 CHECKPOINT_WAL_PAGES = 2000
-# ...and, since SQLite starts the log over only once a checkpoint has copied all of it, which
-# steady writes rarely allow, the storage actor bounds it with a RESTART checkpoint between two
-# batches (its connection idle, requests waiting in the mailbox meanwhile). A RESTART holds
-# the writer for up to a quarter of a second (the pages left to copy and an fsync), whatever
-# the log's length: at 16,000 pages a 100k-transfer catch-up made 14 of them, 2 s of stalls
-# (9.4k transfers per second); at 64,000, 3 (11.2-13.8k per second).
-RESTART_WAL_PAGES = 64_000  # 256 MB of 4 KB pages
+# ...but SQLite starts the log over only once a checkpoint has copied all of it, which a
+# steady writer never allows, and a long log makes every write dearer: a claim's statements
+# and COMMIT cost 1.1x at 10,000 pages, 1.5x at 40,000 and 1.6x from 50,000 on (a tight loop,
+# against the same claims on a log kept short). So once the log is this long, the first
+# passive checkpoint to finish is followed, between two batches, by a RESTART: the writer
+# waits (requests queue in the mailbox) while it copies what was written during the passive
+# one, 10 ms or so under claim load, where a RESTART on its own copies everything since the
+# last checkpoint and syncs it, 50 to 300 ms.
+RESTART_WAL_PAGES = 8000  # 32 MB of 4 KB pages
 # After a RESTART the log file is cut back to this size (it would keep its largest size).
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 # A RESTART that a reader held up (a backup, say) is tried again after this many seconds.
@@ -188,6 +190,7 @@ class Storage:
         self._wal_copied = 0  # ...and how much of it the last checkpoint copied
         self._checkpoints: apsw.Connection | None = None  # the checkpointer's own connection
         self._checkpoint_lock = trio.Lock()  # one checkpoint at a time on that connection
+        self._restart_due = False  # a passive checkpoint just caught up with a long log
         self._restart_after = 0.0  # after a RESTART a reader blocked: not again before this
         self._epoch = 0
 
@@ -238,7 +241,7 @@ class Storage:
                 for env in batch:
                     env.fail(Unavailable("storage is restarting"))
                 raise
-            if self._wal_pages >= RESTART_WAL_PAGES and trio.current_time() >= self._restart_after:
+            if self._restart_due and trio.current_time() >= self._restart_after:
                 await self._restart_log()
 
     def _live(self, batch: list[Envelope[Any]], nursery: trio.Nursery) -> list[Envelope[Any]]:
@@ -533,35 +536,42 @@ class Storage:
 
     def _wal_hook(self, conn: apsw.Connection, dbname: str, pages: int) -> int:
         """After each COMMIT: `pages` is the log's length. What asks for a checkpoint is the
-        growth since the last one: the length itself stays high until the log starts over,
-        and asking on every commit meant one checkpoint after another."""
+        growth since the last one (the length itself stays high until the log starts over,
+        and asking on every commit meant one checkpoint after another), or a log long enough
+        to start over, which needs a passive checkpoint to have caught up first."""
         if pages < self._wal_copied:
             self._wal_copied = 0  # the log started over
         self._wal_pages = pages
         self._wal_gauge.set(pages)
-        if pages - self._wal_copied >= CHECKPOINT_WAL_PAGES:
+        if pages - self._wal_copied >= CHECKPOINT_WAL_PAGES or pages >= RESTART_WAL_PAGES:
             self._checkpoint_wanted.set()
         return apsw.SQLITE_OK
 
     async def _checkpointer(self) -> None:
         """PASSIVE checkpoints in a worker thread: they copy what they can and never wait for,
-        or hold back, the writer."""
+        or hold back, the writer. One that finishes with the log past RESTART_WAL_PAGES has
+        the writer start the log over after its batch; none runs until it has."""
         while True:
             await self._checkpoint_wanted.wait()
             self._checkpoint_wanted = trio.Event()
+            if self._restart_due:
+                continue
             async with self._checkpoint_lock:
                 copied = await trio.to_thread.run_sync(self._checkpoint, "PASSIVE")
             self.metrics.wal_checkpoints.labels("passive").inc()
             if copied is not None:
                 self._wal_copied = copied
+            self._restart_due = self._wal_pages >= RESTART_WAL_PAGES
 
     async def _restart_log(self) -> None:
-        """Called between batches, when the log has grown long: the writer's connection is
-        idle, so the RESTART needs no lock it holds; the mailbox queues requests meanwhile."""
+        """Called between batches, right after a passive checkpoint: the writer's connection
+        is idle, so the RESTART needs no lock it holds, and has only what was written during
+        the passive one left to copy; the mailbox queues requests meanwhile."""
         async with self._checkpoint_lock:
             done = await trio.to_thread.run_sync(self._checkpoint, "RESTART")
         self.metrics.wal_checkpoints.labels("restart").inc()
-        if done is None:  # a reader (a backup, say) still uses the log: later
+        self._restart_due = False
+        if done is None:  # a reader (a backup, say) still uses the log: after another passive
             self._restart_after = trio.current_time() + RESTART_RETRY_SECS
         else:
             self._wal_pages = self._wal_copied = 0
