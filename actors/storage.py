@@ -93,16 +93,31 @@ CHECKPOINT_WAL_PAGES = 2000
 # ...but SQLite starts the log over only once a checkpoint has copied all of it, which a
 # steady writer never allows, and a long log makes every write dearer: a claim's statements
 # and COMMIT cost 1.1x at 10,000 pages, 1.5x at 40,000 and 1.6x from 50,000 on (a tight loop,
-# against the same claims on a log kept short). So once the log is this long, the first
-# passive checkpoint to finish is followed, between two batches, by a RESTART: the writer
-# waits (requests queue in the mailbox) while it copies what was written during the passive
-# one, 10 ms or so under claim load, where a RESTART on its own copies everything since the
-# last checkpoint and syncs it, 50 to 300 ms.
+# against the same claims on a log kept short). So the writer starts it over with a RESTART
+# between two batches, right after a passive checkpoint has finished (requests queue in the
+# mailbox meanwhile); the RESTART then has only what was written during the passive one left
+# to copy and sync: 10 ms or so under claim load, where one on its own took 50 to 300 ms.
+# That happens once the log is this long...
 RESTART_WAL_PAGES = 8000  # 32 MB of 4 KB pages
+# ...if no more than this was written while the passive checkpoint ran (a RESTART with 270
+# pages to copy took 12 ms, with 2,000 47 ms); a catch-up writing thousands of pages a
+# second would otherwise stall on every one...
+RESTART_MAX_BACKLOG = 1000
+# ...and, whatever was written meanwhile, once it is this long.
+FORCE_RESTART_WAL_PAGES = 64_000  # 256 MB
 # After a RESTART the log file is cut back to this size (it would keep its largest size).
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 # A RESTART that a reader held up (a backup, say) is tried again after this many seconds.
 RESTART_RETRY_SECS = 1.0
+
+
+def restart_due(pages: int, copied: int | None) -> bool:
+    """After a passive checkpoint: start the log over now? `pages` is the log's length,
+    `copied` how much of it the checkpoint copied (None: it could copy nothing)."""
+    if pages >= FORCE_RESTART_WAL_PAGES:
+        return True
+    return copied is not None and pages >= RESTART_WAL_PAGES and (
+        pages - copied <= RESTART_MAX_BACKLOG)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +205,7 @@ class Storage:
         self._wal_copied = 0  # ...and how much of it the last checkpoint copied
         self._checkpoints: apsw.Connection | None = None  # the checkpointer's own connection
         self._checkpoint_lock = trio.Lock()  # one checkpoint at a time on that connection
-        self._restart_due = False  # a passive checkpoint just caught up with a long log
+        self._restart_due = False  # a passive checkpoint has just run, the log is long
         self._restart_after = 0.0  # after a RESTART a reader blocked: not again before this
         self._epoch = 0
 
@@ -536,21 +551,20 @@ class Storage:
 
     def _wal_hook(self, conn: apsw.Connection, dbname: str, pages: int) -> int:
         """After each COMMIT: `pages` is the log's length. What asks for a checkpoint is the
-        growth since the last one (the length itself stays high until the log starts over,
-        and asking on every commit meant one checkpoint after another), or a log long enough
-        to start over, which needs a passive checkpoint to have caught up first."""
+        growth since the last one: the length itself stays high until the log starts over,
+        and asking on every commit meant one checkpoint after another."""
         if pages < self._wal_copied:
             self._wal_copied = 0  # the log started over
         self._wal_pages = pages
         self._wal_gauge.set(pages)
-        if pages - self._wal_copied >= CHECKPOINT_WAL_PAGES or pages >= RESTART_WAL_PAGES:
+        if pages - self._wal_copied >= CHECKPOINT_WAL_PAGES:
             self._checkpoint_wanted.set()
         return apsw.SQLITE_OK
 
     async def _checkpointer(self) -> None:
         """PASSIVE checkpoints in a worker thread: they copy what they can and never wait for,
-        or hold back, the writer. One that finishes with the log past RESTART_WAL_PAGES has
-        the writer start the log over after its batch; none runs until it has."""
+        or hold back, the writer. After one, the writer may be due to start the log over
+        (`restart_due`): it does after its batch, and no checkpoint runs until it has."""
         while True:
             await self._checkpoint_wanted.wait()
             self._checkpoint_wanted = trio.Event()
@@ -561,7 +575,7 @@ class Storage:
             self.metrics.wal_checkpoints.labels("passive").inc()
             if copied is not None:
                 self._wal_copied = copied
-            self._restart_due = self._wal_pages >= RESTART_WAL_PAGES
+            self._restart_due = restart_due(self._wal_pages, copied)
 
     async def _restart_log(self) -> None:
         """Called between batches, right after a passive checkpoint: the writer's connection

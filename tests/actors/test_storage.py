@@ -263,10 +263,13 @@ def _checkpoints(core: Any, mode: str) -> float:
 
 @pytest.fixture
 def small_wal(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A checkpoint per 40 pages, a RESTART at 160, retried at once after a blocked one."""
+    """A checkpoint per 40 pages, a RESTART at 160 (320 whatever was written during the
+    checkpoint before it), retried at once after a blocked one."""
     from actors import storage
     monkeypatch.setattr(storage, "CHECKPOINT_WAL_PAGES", 40)
     monkeypatch.setattr(storage, "RESTART_WAL_PAGES", 160)
+    monkeypatch.setattr(storage, "RESTART_MAX_BACKLOG", 160)
+    monkeypatch.setattr(storage, "FORCE_RESTART_WAL_PAGES", 320)
     monkeypatch.setattr(storage, "RESTART_RETRY_SECS", 0.0)
 
 
@@ -300,15 +303,26 @@ async def test_the_wal_stays_bounded_under_one_commit_per_claim(
             longest, last = max(longest, now), now
         passive = _checkpoints(core, "passive") - before
         restart = _checkpoints(core, "restart")
-    # Past the bound by what the passive checkpoint let through (without restarts, 600
-    # claims in a commit each make some 1,800 pages)
-    assert 160 <= longest <= 2 * 160
+    # Past the bound by what the passive checkpoints let through; at worst the hard bound and
+    # one more checkpoint's worth (without restarts, 600 claims a commit each: ~1,800 pages)
+    assert 160 <= longest <= 320 + 160
     assert restart >= 1
     assert passive <= written / 40 * 1.25 + 2  # one per 40 pages written, not per commit
     restarts = [i for i, (mode, _) in enumerate(calls) if mode == "RESTART"]
     assert len(restarts) == restart
     for i in restarts:  # each right after a passive one, and only once the log was long
         assert calls[i - 1][0] == "PASSIVE" and calls[i][1] >= 160, calls[max(0, i - 3):i + 1]
+
+
+def test_the_log_starts_over_when_long_and_little_was_written_during_the_checkpoint() -> None:
+    from actors import storage
+    soft, backlog, hard = (storage.RESTART_WAL_PAGES, storage.RESTART_MAX_BACKLOG,
+                           storage.FORCE_RESTART_WAL_PAGES)
+    assert not storage.restart_due(soft - 1, soft - 1)  # short: no need
+    assert storage.restart_due(soft, soft - backlog)  # long, and a RESTART would copy little
+    assert not storage.restart_due(soft + 10, soft + 10 - backlog - 1)  # a catch-up: a stall
+    assert not storage.restart_due(hard - 1, None)  # the checkpoint copied nothing (a reader)
+    assert storage.restart_due(hard, None) and storage.restart_due(hard, 0)  # too long
 
 
 def _size(path: str) -> int:
@@ -360,7 +374,7 @@ async def test_a_reader_holding_the_log_delays_its_restart_but_no_claim(tmp_path
         for pid in pids:
             assert (await core.storage.ask(Claim(pid), 5)).status is ClaimStatus.SUCCESS
             lengths.append(core.metrics.wal_pages._value.get())
-        assert min(lengths) < 40 and max(lengths[-100:]) <= 2 * 160  # started over, bounded again
+        assert min(lengths) < 40 and max(lengths[-100:]) <= 320 + 160  # started over, bounded
 
 
 @pytest.mark.usefixtures("small_wal")
