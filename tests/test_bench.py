@@ -374,3 +374,16 @@ def test_each_scenario_is_paired_with_the_ceiling_runs_around_it() -> None:
     summary = cells["a"].summary(("200",))
     assert summary["paired_ratio_to_quart"] == round(50 / 150, 3)
     assert summary["paired_cpu_ratio_to_quart"] == 1.0  # the same CPU per request as it
+
+
+def test_idle_runs_are_compared_with_the_run_beside_them() -> None:
+    # A slow stretch of a shared machine hits one pair, not the median of one side.
+    def run(rps: float) -> wrk.WrkResult:
+        r = wrk.parse_wrk_output(CANNED_WRK)
+        r.requests = int(rps * r.duration_s)
+        return r
+
+    idle = [run(r) for r in (450, 300, 640)]
+    none = [run(r) for r in (600, 310, 650)]  # medians: 450 / 600 = 0.75
+    assert runner._paired_median(idle, none) == pytest.approx(300 / 310, abs=0.002)
+    assert runner._paired_median([], none) is None

@@ -70,7 +70,7 @@ FULL = Plan("full", levels=(1, 16, 64, 256), seconds={1: 5, 16: 5, 64: 5, 256: 5
             target_reps=5,
             unclaimed=200_000, claimed=40_000, warmup_s=2, storage_claims=50_000,
             storage_concurrency=256, storage_reps=3, ingest_transfers=100_000,
-            big_pids=1_000_000, big_via_import=True, startup_runs=3, profile_s=8, ws_reps=3)
+            big_pids=1_000_000, big_via_import=True, startup_runs=3, profile_s=8, ws_reps=5)
 
 GC_SECONDS = "anon_ticket_gc_seconds_total"
 GC_COLLECTIONS = "anon_ticket_gc_collections_total"
@@ -223,6 +223,12 @@ def _pair_with_ceiling(sequence: list[tuple[str, WrkResult, float]],
         cells[name].paired_rps.append(statistics.fmean(r.rps for _, r, _ in near))
         cpu_us = [c for _, r, cpu in near if (c := _cpu_us(cpu, r))]
         cells[name].paired_cpu_us.append(statistics.fmean(cpu_us) if cpu_us else 0.0)
+
+
+def _paired_median(runs: list[WrkResult], against: list[WrkResult]) -> float | None:
+    """The median of `runs[i].rps / against[i].rps` (pairs measured side by side)."""
+    ratios = [a.rps / b.rps for a, b in zip(runs, against, strict=False) if b.rps]
+    return round(statistics.median(ratios), 3) if ratios else None
 
 
 def _stall_events(before: str, after: str) -> dict[str, int]:
@@ -669,11 +675,16 @@ class Bench:
             "idle_subscribers": p.ws_idle, "connections": level, "seconds_per_run": seconds,
             "runs_each": p.ws_reps, "new_claims_no_subscribers": none,
             "new_claims_idle_subscribers": idle,
-            "ratio_idle_to_none": round(idle["rps"] / none["rps"], 3) if none["rps"] else None,
+            # each rep's idle run against its none run beside it (median): a drift of the
+            # shared machine cancels within a pair, not between medians of separate runs
+            "ratio_idle_to_none": _paired_median(cells["idle"].runs, cells["none"].runs),
+            "ratio_of_medians": round(idle["rps"] / none["rps"], 3) if none["rps"] else None,
             "subscriber_processes": loads, "fanout": fanout,
             "note": ("wrk runs of fresh-PID redeems on one server, without and with the idle "
                      "subscribers, in the order none, idle, idle, none, ... (each subscriber "
                      "watches a payment id never paid: registered, pinged, no events); "
+                     "ratio_idle_to_none: the median over reps of each idle run's rate over "
+                     "the none run beside it; "
                      "fan-out: after the first loaded run, with the idle subscribers still "
                      "connected, each of `claims` recorded payment ids watched by its own "
                      "websocket and redeemed one after the other; from_send_ms = redeem request "
