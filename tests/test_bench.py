@@ -378,12 +378,7 @@ def test_each_scenario_is_paired_with_the_ceiling_runs_around_it() -> None:
 
 def test_idle_runs_are_compared_with_the_run_beside_them() -> None:
     # A slow stretch of a shared machine hits one pair, not the median of one side.
-    def run(rps: float) -> wrk.WrkResult:
-        r = wrk.parse_wrk_output(CANNED_WRK)
-        r.requests = int(rps * r.duration_s)
-        return r
-
-    idle = [run(r) for r in (450, 300, 640)]
-    none = [run(r) for r in (600, 310, 650)]  # medians: 450 / 600 = 0.75
-    assert runner._paired_median(idle, none) == pytest.approx(300 / 310, abs=0.002)
-    assert runner._paired_median([], none) is None
+    idle, none = [450.0, 300.0, 640.0], [600.0, 310.0, 650.0]  # medians: 450 / 600 = 0.75
+    assert runner.median_ratio(idle, none) == pytest.approx(300 / 310, abs=0.002)
+    assert runner.median_ratio([0.0, 1.0, None], [2.0, 0.0, 1.0]) == 0.0  # a dead run counts
+    assert runner.median_ratio([], none) is None

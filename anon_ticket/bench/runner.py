@@ -13,7 +13,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -159,7 +159,7 @@ class Cell:
     # Per run: the quart-trio ceiling measured right before and after it (req/s, CPU us per
     # request), averaged; a ratio against it cancels the drift of a shared machine.
     paired_rps: list[float] = field(default_factory=list)
-    paired_cpu_us: list[float] = field(default_factory=list)
+    paired_cpu_us: list[float | None] = field(default_factory=list)
 
     def summary(self, expected: tuple[str, ...]) -> dict[str, Any]:
         runs = self.runs
@@ -173,13 +173,11 @@ class Cell:
         cpu_per_req = [c for c in per_run if c]
         paired: dict[str, Any] = {}
         if self.paired_rps:
-            paired["paired_ratio_to_quart"] = round(med(
-                [r.rps / q for r, q in zip(runs, self.paired_rps, strict=True) if q]), 3)
+            paired["paired_ratio_to_quart"] = median_ratio([r.rps for r in runs],
+                                                           self.paired_rps)
             paired["paired_ceiling_rps"] = [round(q, 1) for q in self.paired_rps]
-        cpu_pairs = [q / c for c, q in zip(per_run, self.paired_cpu_us, strict=False)
-                     if c and q]
-        if cpu_pairs:
-            paired["paired_cpu_ratio_to_quart"] = round(med(cpu_pairs), 3)
+        if (cpu_ratio := median_ratio(self.paired_cpu_us, per_run)) is not None:
+            paired["paired_cpu_ratio_to_quart"] = cpu_ratio
         return {
             **paired,
             "rps": round(rps, 1),
@@ -222,12 +220,15 @@ def _pair_with_ceiling(sequence: list[tuple[str, WrkResult, float]],
         near = [sequence[j] for j in before + after]
         cells[name].paired_rps.append(statistics.fmean(r.rps for _, r, _ in near))
         cpu_us = [c for _, r, cpu in near if (c := _cpu_us(cpu, r))]
-        cells[name].paired_cpu_us.append(statistics.fmean(cpu_us) if cpu_us else 0.0)
+        cells[name].paired_cpu_us.append(statistics.fmean(cpu_us) if cpu_us else None)
 
 
-def _paired_median(runs: list[WrkResult], against: list[WrkResult]) -> float | None:
-    """The median of `runs[i].rps / against[i].rps` (pairs measured side by side)."""
-    ratios = [a.rps / b.rps for a, b in zip(runs, against, strict=False) if b.rps]
+def median_ratio(values: Sequence[float | None], against: Sequence[float | None]
+                 ) -> float | None:
+    """The median of `values[i] / against[i]` over pairs measured side by side (a pair
+    with a missing value or a missing or zero divisor left out), rounded; None when no pair
+    is left."""
+    ratios = [v / a for v, a in zip(values, against, strict=False) if v is not None and a]
     return round(statistics.median(ratios), 3) if ratios else None
 
 
@@ -677,7 +678,8 @@ class Bench:
             "new_claims_idle_subscribers": idle,
             # each rep's idle run against its none run beside it (median): a drift of the
             # shared machine cancels within a pair, not between medians of separate runs
-            "ratio_idle_to_none": _paired_median(cells["idle"].runs, cells["none"].runs),
+            "ratio_idle_to_none": median_ratio([r.rps for r in cells["idle"].runs],
+                                               [r.rps for r in cells["none"].runs]),
             "ratio_of_medians": round(idle["rps"] / none["rps"], 3) if none["rps"] else None,
             "subscriber_processes": loads, "fanout": fanout,
             "note": ("wrk runs of fresh-PID redeems on one server, without and with the idle "
