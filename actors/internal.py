@@ -35,14 +35,15 @@ from anon_ticket.domain.messages import (
     TreeStatus,
 )
 from anon_ticket.errors import AnonTicketError, InvalidInput
+from anon_ticket.fdlimit import INTERNAL_CONNECTIONS
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
 from anon_ticket.web import (
     describe_socket,
-    install_error_handlers,
     json_error,
     json_response,
     listening_socket,
+    new_app,
     read_json_object,
     serve_app,
 )
@@ -103,12 +104,11 @@ class Internal:
                               host=cfg.host, port=cfg.port) as sock:
             log.info("internal listener serving", address=describe_socket(sock))
             await serve_app(self.create_app(), sock, grace=cfg.grace,
-                            shutdown=self._stop.wait, task_status=task_status)
+                            shutdown=self._stop.wait, task_status=task_status,
+                            max_connections=INTERNAL_CONNECTIONS)
 
     def create_app(self) -> QuartTrio:
-        app = QuartTrio("anon_ticket.internal")
-        app.config["MAX_CONTENT_LENGTH"] = self.config.max_body_bytes
-        install_error_handlers(app)
+        app = new_app("anon_ticket.internal", max_body_bytes=self.config.max_body_bytes)
         cfg = self.config
         timeout = cfg.request_timeout
         expected = f"Bearer {cfg.token}".encode() if cfg.token else None

@@ -53,10 +53,10 @@ from anon_ticket.metrics import Metrics
 from anon_ticket.web import (
     describe_socket,
     error_response,
-    install_error_handlers,
     json_error,
     json_response,
     listening_socket,
+    new_app,
     read_json_object,
     serve_app,
 )
@@ -80,6 +80,10 @@ class PublicConfig:
     min_confirmations: int
     min_payment_amount: int
     max_watchers: int = 10_000
+    max_connections: int = 10_000
+    keep_alive: float = 30.0
+    read_timeout: float = 10.0
+    write_timeout: float = 10.0
     watch_send_timeout: float = 10.0
     websocket_ping_interval: float = 20.0
 
@@ -167,7 +171,11 @@ class Public:
         await serve_app(app, sock, grace=self.config.grace, shutdown=self._stop.wait,
                         task_status=task_status,
                         ws_ping_interval=self.config.websocket_ping_interval,
-                        ws_max_message=self.config.max_body_bytes)
+                        ws_max_message=self.config.max_body_bytes,
+                        keep_alive_timeout=self.config.keep_alive,
+                        read_timeout=self.config.read_timeout,
+                        write_timeout=self.config.write_timeout,
+                        max_connections=self.config.max_connections)
         done.cancel()  # the command loop ends with the server
 
     # --- the watch protocol -----------------------------------------------------------------
@@ -316,9 +324,8 @@ class Public:
     # --- the app ----------------------------------------------------------------------------
 
     def create_app(self) -> QuartTrio:
-        app = QuartTrio("anon_ticket.public")
-        app.config["MAX_CONTENT_LENGTH"] = self.config.max_body_bytes
-        install_error_handlers(app)
+        app = new_app("anon_ticket.public", max_body_bytes=self.config.max_body_bytes,
+                      read_timeout=self.config.read_timeout)
         cfg = self.config
         timeout = cfg.request_timeout
         metrics = self.metrics

@@ -253,6 +253,10 @@ class Settings:
     pid_cache_capacity: int = 100_000
     token_derivation: TokenDerivation = "hmac"
     max_body_bytes: int = 4096
+    max_connections: int = 10_000
+    keep_alive_secs: float = 30.0
+    read_timeout_secs: float = 10.0
+    write_timeout_secs: float = 10.0
     request_timeout_secs: float = 5.0
     batch_limit: int = 256
     grace_secs: float = 10.0
@@ -428,6 +432,12 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("pid_cache_capacity", "claimed-PID cache capacity", ("API_PID_CACHE_CAPACITY",)),
     _Spec("token_derivation", "token derivation for new claims: hmac or legacy"),
     _Spec("max_body_bytes", "largest request body in bytes (256..1048576)"),
+    _Spec("max_connections", "public connections at once (16..1000000; lowered to fit the "
+          "descriptor limit): the oldest idle one makes room, else a new one gets 503"),
+    _Spec("keep_alive_secs", "an idle public connection is closed after this long"),
+    _Spec("read_timeout_secs", "a request's head, then its body, must arrive within this"),
+    _Spec("write_timeout_secs", "a response the client does not take within this ends "
+          "its connection"),
     _Spec("request_timeout_secs", "deadline of every internal request in seconds"),
     _Spec("batch_limit", "storage group-commit batch size (1..10000)"),
     _Spec("grace_secs", "shutdown grace in seconds"),
@@ -734,6 +744,13 @@ def load_settings(
         pid_cache_capacity=src.take("pid_cache_capacity", _int(0), d.pid_cache_capacity),
         token_derivation=src.take("token_derivation", _token_derivation, d.token_derivation),
         max_body_bytes=src.take("max_body_bytes", _int(256, 1_048_576), d.max_body_bytes),
+        max_connections=src.take("max_connections", _int(16, 1_000_000), d.max_connections),
+        keep_alive_secs=src.take("keep_alive_secs", _float(0, lo_open=True, hi=3600),
+                                 d.keep_alive_secs),
+        read_timeout_secs=src.take("read_timeout_secs", _float(0, lo_open=True, hi=600),
+                                   d.read_timeout_secs),
+        write_timeout_secs=src.take("write_timeout_secs", _float(0, lo_open=True, hi=600),
+                                    d.write_timeout_secs),
         request_timeout_secs=src.take(
             "request_timeout_secs", _float(0, lo_open=True), d.request_timeout_secs
         ),

@@ -5,9 +5,9 @@ process umask, so we bind the socket ourselves and hand hypercorn the file descr
 stale socket (S_ISSOCK and connection refused) is removed; a live one or any other file is an
 error. The mapping of errors to HTTP responses lives here alone (I10).
 
-hypercorn is pinned (0.18.0) and patched below, each patch explained where it is made: a
-websocket's keepalive loop ends with its stream, and a connection's keep-alive timer is one
-task whose deadline moves rather than a task started and cancelled for every request.
+hypercorn is pinned (0.18.0) and patched by `anon_ticket.hypercorn_fixes`, applied here when
+a listener starts: containment of every connection's errors, deadlines for every phase of a
+request, a connection cap below the descriptor limit, JSON refusals, HTTP/1.x only.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import math
 import os
 import socket
 import stat
@@ -26,15 +25,12 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config as HyperConfig
-from hypercorn.protocol.events import StreamClosed
-from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio import serve as hyper_serve
-from hypercorn.trio import tcp_server
 from quart import Response
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
-from wsproto.events import Ping
 
+from anon_ticket import hypercorn_fixes
 from anon_ticket.errors import (
     AnonTicketError,
     ConfigError,
@@ -42,142 +38,16 @@ from anon_ticket.errors import (
     NotFound,
     Unavailable,
 )
+from anon_ticket.hypercorn_fixes import STATUS_TEXT, ConnectionPolicy
 from anon_ticket.logs import get_logger
 
 log = get_logger("web")
 
 MAX_UNIX_PATH = 107
 KEEP_ALIVE_SECS = 30.0  # an idle keep-alive connection is closed after this long
+READ_TIMEOUT_SECS = 10.0  # a request's head, and then its body, must arrive within this
+WRITE_TIMEOUT_SECS = 10.0  # a response not taken by the client within this ends it
 JSON = "application/json"
-
-_HTTP_TEXT = {
-    400: "bad request",
-    404: "not found",
-    405: "method not allowed",
-    408: "request timeout",
-    411: "length required",
-    413: "request body too large",
-    414: "request uri too long",
-    415: "unsupported media type",
-    431: "request header fields too large",
-}
-
-
-async def _send_pings(self: Any) -> None:
-    """hypercorn 0.18's websocket keepalive loop, but it ends when its stream closes: the
-    original sleeps a whole ping interval (20 s) before it looks, and the connection, and so
-    a graceful stop, waits for it (every stop with watchers waited out the whole grace
-    period). Closing the stream cancels this scope (`_handle` below): an idle watcher costs
-    one wake-up per ping interval, nothing more."""
-    with trio.CancelScope() as self._ping_scope:
-        while not self.closed:
-            await self._send_wsproto_event(Ping())
-            await self.context.sleep(self.config.websocket_ping_interval)
-
-
-_ws_handle = WSStream.handle
-
-
-async def _handle(self: Any, event: Any) -> None:
-    """Once a stream is accepted (the keepalive starts there), only `StreamClosed` closes it;
-    it ends the keepalive before hypercorn awaits the app's disconnect event. (A stream closed
-    before the keepalive starts is seen by its `while not self.closed`.)"""
-    if isinstance(event, StreamClosed):
-        scope = getattr(self, "_ping_scope", None)
-        if scope is not None:
-            scope.cancel()
-    await _ws_handle(self, event)
-
-
-class _IdleTimer:
-    """hypercorn's keep-alive timer for one connection (`TCPServer.idle_task`): one task for
-    the connection's life whose deadline moves, instead of a task started and cancelled for
-    every request.
-
-    hypercorn starts a task (`nursery.start`) each time a connection goes idle and cancels it
-    when the next request arrives: scheduler round trips and a cancellation for every
-    request. Here going idle sets a deadline and going busy lifts it; neither wakes anything
-    and neither has a checkpoint, so a cancelled request task cannot lose the timer either
-    (quart-trio cancels the request task on `http.disconnect`, in the very call chain that
-    starts the timer: with hypercorn's own timer, idle connections were never closed). Same
-    rules as hypercorn's: an idle connection is closed once `keep_alive_timeout` passes, or
-    at once when the server stops; a busy one is left to finish.
-    """
-
-    __slots__ = ("_armed", "_closed", "_deadline", "_scope", "_server", "_started", "_wake")
-
-    def __init__(self, server: Any) -> None:
-        self._server = server  # its TCPServer
-        self._armed = self._closed = self._started = False
-        self._deadline = math.inf
-        self._scope: trio.CancelScope | None = None
-        self._wake = trio.Event()
-
-    async def restart(self, task_group: Any, action: object) -> None:
-        """Idle from now (`action`, hypercorn's timer body, is not used)."""
-        self._armed = True
-        self._deadline = trio.current_time() + self._server.config.keep_alive_timeout
-        if self._scope is not None:
-            self._scope.deadline = self._deadline
-        elif not self._started:
-            self._started = True
-            task_group._nursery.start_soon(self._run, name="keep-alive timer")
-        else:
-            self._wake.set()
-
-    async def stop(self) -> None:
-        self._armed = False
-        if self._scope is not None:
-            self._scope.deadline = math.inf
-
-    def close(self) -> None:
-        """The connection is over: the task ends (it would hold the connection's nursery)."""
-        self._closed = True
-        self._armed = False
-        if self._scope is not None:
-            self._scope.cancel()
-        self._wake.set()
-
-    async def _run(self) -> None:
-        server = self._server
-        terminated = server.context.terminated
-        while not self._closed:
-            if not self._armed:
-                await self._wake.wait()
-                self._wake = trio.Event()
-                continue
-            with trio.CancelScope(deadline=self._deadline) as self._scope:
-                await terminated.wait()
-            self._scope = None
-            if self._armed and not self._closed and (
-                    terminated.is_set() or trio.current_time() >= self._deadline):
-                with trio.CancelScope(shield=True):
-                    await server._initiate_server_close()
-                return
-
-
-_tcp_init = tcp_server.TCPServer.__init__
-_read_data = tcp_server.TCPServer._read_data
-
-
-def _init_with_timer(self: Any, *args: Any) -> None:
-    _tcp_init(self, *args)
-    self.idle_task = _IdleTimer(self)
-
-
-async def _read_data_then_end_timer(self: Any) -> None:
-    try:
-        await _read_data(self)
-    finally:
-        self.idle_task.close()
-
-
-# hypercorn pinned at 0.18.0
-WSStream._send_pings = _send_pings  # type: ignore[method-assign]
-WSStream.handle = _handle  # type: ignore[method-assign]
-tcp_server.TCPServer.__init__ = _init_with_timer  # type: ignore[method-assign,assignment]
-tcp_server.TCPServer._read_data = _read_data_then_end_timer  # type: ignore[method-assign]
-
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None
                   ) -> Response:
@@ -202,13 +72,33 @@ def error_response(exc: AnonTicketError) -> Response:
     return json_error(500, "internal error")
 
 
-def install_error_handlers(app: QuartTrio) -> None:
+def new_app(name: str, *, max_body_bytes: int, read_timeout: float = READ_TIMEOUT_SECS
+            ) -> QuartTrio:
+    """A quart-trio app as the listeners serve them: JSON errors everywhere, a body deadline,
+    and no redirects (werkzeug merges `//` and redirects to a URL built from the client's
+    Host header: a client that followed it would send its payment id elsewhere)."""
+    app = QuartTrio(name)
+    app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
+    app.config["BODY_TIMEOUT"] = read_timeout
+    app.url_map.merge_slashes = False
+    app.url_map.redirect_defaults = False
+    _install_error_handlers(app)
+    return app
+
+
+def _install_error_handlers(app: QuartTrio) -> None:
     """JSON bodies for our errors and for the framework's own 4xx/5xx (Quart's are HTML)."""
 
     @app.errorhandler(HTTPException)
     async def _http(exc: HTTPException) -> Response:
         code = exc.code or 500
-        return json_error(code, _HTTP_TEXT.get(code, "bad request" if code < 500 else "error"))
+        if 300 <= code < 400:
+            code = 404  # a routing redirect: never sent (see new_app)
+        response = json_error(code, STATUS_TEXT.get(code, "bad request" if code < 500
+                                                    else "error"))
+        if code == 405 and getattr(exc, "valid_methods", None):
+            response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))  # type: ignore[attr-defined]
+        return response
 
     @app.errorhandler(AnonTicketError)
     async def _ours(exc: AnonTicketError) -> Response:
@@ -335,8 +225,14 @@ async def serve_app(app: QuartTrio, sock: socket.socket, *, grace: float,
                     task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
                     ws_ping_interval: float | None = None,
                     ws_max_message: int = 16 * 1024,
-                    keep_alive_timeout: float = KEEP_ALIVE_SECS) -> None:
+                    keep_alive_timeout: float = KEEP_ALIVE_SECS,
+                    read_timeout: float = READ_TIMEOUT_SECS,
+                    write_timeout: float = WRITE_TIMEOUT_SECS,
+                    max_connections: int = 1024) -> None:
+    hypercorn_fixes.apply()
     cfg = HyperConfig()
+    cfg.connection_policy = ConnectionPolicy(  # type: ignore[attr-defined]
+        max_connections, read_timeout, write_timeout)
     # hypercorn wraps the descriptor in a socket object it closes itself: give it a duplicate
     # so our socket (and the unix path it guards) stays ours to close.
     cfg.bind = [f"fd://{os.dup(sock.fileno())}"]

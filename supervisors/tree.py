@@ -35,7 +35,7 @@ from actors.internal import Internal, InternalConfig
 from actors.poller import Poller, PollerConfig
 from actors.public import Public, PublicConfig
 from actors.storage import Storage, StorageConfig
-from anon_ticket import gctune, schema
+from anon_ticket import fdlimit, gctune, schema
 from anon_ticket.config import Settings
 from anon_ticket.datadir import DataDir
 from anon_ticket.devchain import DevChain, plan_ports
@@ -127,6 +127,7 @@ def build_tree(settings: Settings, secret: bytes, *,
         cache_ttl=settings.pid_cache_ttl_secs,
         cache_capacity=settings.pid_cache_capacity,
     )
+    cap = fdlimit.connection_cap(settings.max_connections)
     public_cfg = PublicConfig(
         host=settings.bind_host,
         port=settings.bind_port,
@@ -139,6 +140,11 @@ def build_tree(settings: Settings, secret: bytes, *,
         min_confirmations=settings.min_confirmations,
         min_payment_amount=settings.min_payment_amount,
         watch_send_timeout=settings.watch_send_timeout_secs,
+        max_connections=cap,
+        max_watchers=min(10_000, cap),
+        keep_alive=settings.keep_alive_secs,
+        read_timeout=settings.read_timeout_secs,
+        write_timeout=settings.write_timeout_secs,
     )
     internal_host, internal_port = settings.internal_bind or (None, None)
     internal_cfg = InternalConfig(
@@ -233,6 +239,7 @@ async def _watch_signals(signals: Any, root: Supervisor, everything: trio.Cancel
 async def run_server(settings: Settings, **tree_options: Any) -> int:
     """Run the whole process until a signal, a shutdown command or an escalation."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        fdlimit.raise_to_hard_limit()
         datadir = DataDir(settings.data_dir)
         try:
             datadir.ensure()
