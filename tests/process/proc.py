@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import sqlite3
 import subprocess
@@ -78,7 +79,9 @@ class ServerProcess:
 
 
 def start_server(data_dir: Path, *, port: int | None = None, env: dict[str, str] | None = None,
-                 args: tuple[str, ...] = (), wait: bool = True) -> ServerProcess:
+                 args: tuple[str, ...] = (), wait: bool = True,
+                 nofile: tuple[int, int] | None = None) -> ServerProcess:
+    """`nofile`: the (soft, hard) descriptor limit the server starts with."""
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir.parent / f"server-{port}.log"
@@ -87,7 +90,9 @@ def start_server(data_dir: Path, *, port: int | None = None, env: dict[str, str]
         proc = subprocess.Popen(
             [*BIN, "--data-dir", str(data_dir), "--bind-address", f"127.0.0.1:{port}",
              "--pid-bloom-entries", "10000", *args, "serve"],
-            stdout=log, stderr=subprocess.STDOUT, text=True, env=full_env)
+            stdout=log, stderr=subprocess.STDOUT, text=True, env=full_env,
+            preexec_fn=None if nofile is None else (
+                lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile)))
     server = ServerProcess(data_dir, port, proc, log_path, env or {})
     if wait:
         server.wait_ready()
