@@ -28,7 +28,9 @@ clear message when other versions are installed, rather than patch code it has n
   EMFILE, so trio's accept loop never spins on it.
 - Protocol refusals (h11's 400/431/501, the websocket handshake's 400) carry a JSON body like
   every other error; a request with both Content-Length and Transfer-Encoding (request
-  smuggling) is refused, as is any HTTP version but 1.0 and 1.1.
+  smuggling) is refused, as is any HTTP version but 1.0 and 1.1. h11 limits the size of a
+  request head only while it is incomplete: a head that arrives in one read was taken
+  whatever its size. Here a head over 16 KiB or 100 fields is refused (431) however it came.
 - No cleartext HTTP/2: hypercorn switches to h2c on `Upgrade: h2c` and on the HTTP/2 preface.
   Nothing here needs it, and it is a second protocol stack for clients to attack: the
   upgrade is ignored (served as HTTP/1.1) and the preface is refused.
@@ -64,6 +66,7 @@ log = get_logger("web")
 WRITTEN_FOR = {"hypercorn": "0.18.0", "h11": "0.16.0", "wsproto": "1.3.2"}
 
 MAX_RECV = 2**16
+MAX_HEADERS = 100  # header fields a request may carry (431 past it)
 JSON = b"application/json"
 
 STATUS_TEXT = {
@@ -374,6 +377,10 @@ async def _create_stream_checked(self: Any, request: h11.Request) -> None:
     status = None
     if request.http_version not in (b"1.0", b"1.1"):
         status = 505
+    elif (len(request.headers) > MAX_HEADERS or len(request.target) + sum(
+            len(name) + len(value) + 4 for name, value in request.headers)
+            > self.config.h11_max_incomplete_size):
+        status = 431  # h11 limits only a head that arrives in pieces, not one read whole
     else:
         names = {name for name, _ in request.headers}  # h11 lower-cases them
         if b"content-length" in names and b"transfer-encoding" in names:

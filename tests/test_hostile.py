@@ -18,14 +18,10 @@ import trio
 
 from anon_ticket.domain.ids import PaymentId
 from tests.harness import Server, running_server
+from tests.rawhttp import UPGRADE, parse_response, read_response, read_until_closed, text
 
-UPGRADE = (b"GET /api/v1/watch HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-           b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-           b"Sec-WebSocket-Version: 13\r\n\r\n")
 # A masked text frame carrying `{"op":"ping"}`: valid on its own, but sent before the 101.
-PING = b'{"op":"ping"}'
-FRAME = bytes([0x81, 0x80 | len(PING), 1, 2, 3, 4]) + bytes(
-    b ^ (1, 2, 3, 4)[i % 4] for i, b in enumerate(PING))
+FRAME = text({"op": "ping"})
 
 
 def restarts(srv: Server, name: str) -> int:
@@ -47,44 +43,6 @@ async def raw(srv: Server) -> AsyncIterator[trio.SocketStream]:
     stream = await trio.open_tcp_stream(srv.settings.bind_host, srv.settings.bind_port)
     async with stream:
         yield stream
-
-
-async def read_until_closed(stream: trio.SocketStream, limit: float = 10) -> bytes:
-    """Everything the server sends until it closes the connection (fails after `limit` s)."""
-    data = b""
-    with trio.fail_after(limit):
-        while True:
-            try:
-                chunk = await stream.receive_some(65536)
-            except trio.BrokenResourceError:
-                return data  # reset after its answer: closed all the same
-            if not chunk:
-                return data
-            data += chunk
-
-
-async def read_response(stream: trio.SocketStream) -> bytes:
-    """One whole response on a connection that stays open (its body by Content-Length)."""
-    data = b""
-    with trio.fail_after(10):
-        while True:
-            _, sep, body = data.partition(b"\r\n\r\n")
-            if sep:
-                _, headers, _ = parse_response(data)
-                if len(body) >= int(headers.get("content-length", "0")):
-                    return data
-            chunk = await stream.receive_some(65536)
-            assert chunk, data
-            data += chunk
-
-
-def parse_response(data: bytes) -> tuple[int, dict[str, str], bytes]:
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.strip().lower(): v.strip() for k, v in
-               (line.split(":", 1) for line in lines[1:])}
-    return status, headers, body
 
 
 def assert_json(data: bytes, status: int) -> dict[str, Any]:
@@ -299,13 +257,18 @@ async def test_a_path_the_api_does_not_have_is_a_json_404_never_a_redirect(
      b"Content-Length: 3\r\n\r\n{}", 400),
     (b"POST /api/v1/redeem HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
     (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+    # One read whole: h11 limits only a head that arrives in pieces.
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(3000))
+     + b"\r\n", 431),
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n", 431),
     (b"GET /api/v1/watch HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
      b"Sec-WebSocket-Version: 13\r\n\r\n", 400),  # no key: a broken upgrade
     # Both framings at once is how requests are smuggled past proxies: refused.
     (b"POST /api/v1/redeem HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
      b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
     (b"GET /healthz HTTP/2.0\r\nHost: x\r\n\r\n", 505),
-], ids=["no host", "two lengths", "unknown coding", "huge headers", "broken upgrade",
+], ids=["no host", "two lengths", "unknown coding", "huge headers", "many headers",
+        "a big head in one read", "broken upgrade",
         "length and chunked", "http/2.0 line"])
 async def test_protocol_refusals_are_json(tmp_path: Path, raw_request: bytes, status: int) -> None:
     async with running_server(tmp_path) as srv, raw(srv) as stream:

@@ -1,0 +1,1 @@
+"""The adversary suite: attacks on a live server (`scripts/adversary.sh`; see suite.py)."""
