@@ -34,12 +34,15 @@ clear message when other versions are installed, rather than patch code it has n
 - No cleartext HTTP/2: hypercorn switches to h2c on `Upgrade: h2c` and on the HTTP/2 preface.
   Nothing here needs it, and it is a second protocol stack for clients to attack: the
   upgrade is ignored (served as HTTP/1.1) and the preface is refused.
+- A websocket handshake whose key is not 16 bytes of base64 is refused (wsproto accepted any).
 - A websocket's keepalive loop ends with its stream (hypercorn's slept a whole ping interval
   before looking, holding every graceful stop for it).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import time
@@ -415,7 +418,23 @@ async def _ws_refused(self: Any) -> None:
     await self.send(StreamClosed(stream_id=self.stream_id))
 
 
+def _valid_key(headers: list[tuple[bytes, bytes]]) -> bool:
+    """RFC 6455: one Sec-WebSocket-Key, 16 random bytes in base64 (wsproto takes any)."""
+    keys = [value for name, value in headers if name.lower() == b"sec-websocket-key"]
+    if len(keys) != 1:
+        return False
+    try:
+        return len(base64.b64decode(keys[0].strip(), validate=True)) == 16
+    except binascii.Error:
+        return False
+
+
 async def _ws_handle_checked(self: Any, event: Any) -> None:
+    if isinstance(event, Request) and not _valid_key(event.headers):
+        self.closed = True
+        await self._send_error_response(400)
+        await _ws_refused(self)
+        return
     if isinstance(event, StreamClosed):
         scope = getattr(self, "_ping_scope", None)
         if scope is not None:

@@ -54,6 +54,36 @@ class GcTimes:
         yield threshold
 
 
+class ConnectionStats:
+    """Each listener's connections as its connection policy counts them
+    (anon_ticket/hypercorn_fixes.py), read when scraped."""
+
+    def __init__(self) -> None:
+        self.policies: dict[str, Any] = {}  # listener name -> its running ConnectionPolicy
+
+    def collect(self) -> Iterator[Metric]:
+        open_ = GaugeMetricFamily("anon_ticket_connections", "Open connections, by listener",
+                                  labels=["listener"])
+        families = {
+            "refused": CounterMetricFamily(
+                "anon_ticket_connections_refused",
+                "Connections turned away with a 503: every slot busy", labels=["listener"]),
+            "evicted": CounterMetricFamily(
+                "anon_ticket_connections_evicted",
+                "Idle connections closed to make room for a new one", labels=["listener"]),
+            "contained": CounterMetricFamily(
+                "anon_ticket_connection_errors_contained",
+                "Connections ended by an error of their own (nothing else affected)",
+                labels=["listener"]),
+        }
+        for name, policy in sorted(self.policies.items()):
+            open_.add_metric([name], len(policy.connections))
+            for attr, family in families.items():
+                family.add_metric([name], getattr(policy, attr))
+        yield open_
+        yield from families.values()
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -81,6 +111,12 @@ class Metrics:
             "monitor_payments_ingested", "Transfers seen by the poller, by result", ["result"],
             registry=r)
         # --- ours
+        self.held_unknown = Counter(
+            "anon_ticket_held_unknown",
+            "Answers about unknown ids held back past their rate (a spray slowing itself)",
+            registry=r)
+        self.connections = ConnectionStats()
+        r.register(self.connections)
         self.storage_requests = Counter(
             "anon_ticket_storage_requests", "Requests handled by the storage actor", ["kind"],
             registry=r)

@@ -40,6 +40,7 @@ from anon_ticket.errors import (
 )
 from anon_ticket.hypercorn_fixes import STATUS_TEXT, ConnectionPolicy
 from anon_ticket.logs import get_logger
+from anon_ticket.metrics import Metrics
 
 log = get_logger("web")
 
@@ -77,7 +78,7 @@ def new_app(name: str, *, max_body_bytes: int, read_timeout: float = READ_TIMEOU
     """A quart-trio app as the listeners serve them: JSON errors everywhere, a body deadline,
     and no redirects (werkzeug merges `//` and redirects to a URL built from the client's
     Host header: a client that followed it would send its payment id elsewhere)."""
-    app = QuartTrio(name)
+    app = QuartTrio(name, static_folder=None)  # quart would serve ./static from the cwd
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     app.config["BODY_TIMEOUT"] = read_timeout
     app.url_map.merge_slashes = False
@@ -228,11 +229,17 @@ async def serve_app(app: QuartTrio, sock: socket.socket, *, grace: float,
                     keep_alive_timeout: float = KEEP_ALIVE_SECS,
                     read_timeout: float = READ_TIMEOUT_SECS,
                     write_timeout: float = WRITE_TIMEOUT_SECS,
-                    max_connections: int = 1024) -> None:
+                    max_connections: int = 1024,
+                    stats: tuple[Metrics, str] | None = None) -> None:
+    """Serve `app` on `sock` with the project's hypercorn fixes and connection policy;
+    `stats` (metrics, listener name) publishes the policy's counts."""
     hypercorn_fixes.apply()
     cfg = HyperConfig()
-    cfg.connection_policy = ConnectionPolicy(  # type: ignore[attr-defined]
-        max_connections, read_timeout, write_timeout)
+    policy = ConnectionPolicy(max_connections, read_timeout, write_timeout)
+    cfg.connection_policy = policy  # type: ignore[attr-defined]
+    if stats is not None:
+        metrics, listener = stats
+        metrics.connections.policies[listener] = policy
     # hypercorn wraps the descriptor in a socket object it closes itself: give it a duplicate
     # so our socket (and the unix path it guards) stays ours to close.
     cfg.bind = [f"fd://{os.dup(sock.fileno())}"]

@@ -236,6 +236,7 @@ async def test_when_every_connection_is_busy_a_new_one_is_refused_clearly(
     b"POST /api/v1//redeem HTTP/1.1",
     b"GET /api//v1/token/" + b"ab" * 32 + b" HTTP/1.1",
     b"POST /api/v1/redeem/ HTTP/1.1",
+    b"GET /static/x HTTP/1.1",  # quart serves ./static of the cwd unless told not to
 ])
 async def test_a_path_the_api_does_not_have_is_a_json_404_never_a_redirect(
         tmp_path: Path, request_line: bytes) -> None:
@@ -263,12 +264,13 @@ async def test_a_path_the_api_does_not_have_is_a_json_404_never_a_redirect(
     (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n", 431),
     (b"GET /api/v1/watch HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
      b"Sec-WebSocket-Version: 13\r\n\r\n", 400),  # no key: a broken upgrade
+    (UPGRADE.replace(b"dGhlIHNhbXBsZSBub25jZQ==", b"x"), 400),  # a key that is no key
     # Both framings at once is how requests are smuggled past proxies: refused.
     (b"POST /api/v1/redeem HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
      b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
     (b"GET /healthz HTTP/2.0\r\nHost: x\r\n\r\n", 505),
 ], ids=["no host", "two lengths", "unknown coding", "huge headers", "many headers",
-        "a big head in one read", "broken upgrade",
+        "a big head in one read", "broken upgrade", "bad websocket key",
         "length and chunked", "http/2.0 line"])
 async def test_protocol_refusals_are_json(tmp_path: Path, raw_request: bytes, status: int) -> None:
     async with running_server(tmp_path) as srv, raw(srv) as stream:

@@ -243,6 +243,8 @@ def malformed_catalog(t: Target) -> list[tuple[str, bytes, set[int], bool]]:
         ("unknown method", b"BREW /api/v1/redeem HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
          {405}, False),
         ("double slash path", _post(b"/api/v1//redeem", pid), {404}, False),
+        ("the framework's static folder", b"GET /static/anon-ticket.db HTTP/1.1\r\nHost: x\r\n"
+         b"Connection: close\r\n\r\n", {404}, False),
         ("h2c upgrade", b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, "
          b"HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n"
          b"Connection: close\r\n\r\n", {200}, False),
@@ -370,6 +372,8 @@ async def websocket(t: Target, ledger: Ledger, probe: Probe) -> list[Outcome]:
         ("upgrade without a key", UPGRADE.replace(
             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", b""), {400}),
         ("upgrade with version 12", UPGRADE.replace(b"Version: 13", b"Version: 12"), {400, 426}),
+        ("upgrade with a key that is no key", UPGRADE.replace(b"dGhlIHNhbXBsZSBub25jZQ==", b"x"),
+         {400}),
         ("upgrade by POST", UPGRADE.replace(b"GET", b"POST"), {405}),
     ]:
         outcomes.append(await timed(name, "websocket", f"one of {sorted(allowed)} with a JSON "
