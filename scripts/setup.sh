@@ -24,9 +24,23 @@ fi
 
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade "pip>=23.2"
-if [ "$WITH_TEST" = 1 ]; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
-else
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e .
+# The install is redone only when what it depends on changed: pyproject.toml, the extras asked
+# for (a test install covers a plain one), the interpreter. A second run only checks a stamp in
+# the venv, in well under a second.
+extras=$([ "$WITH_TEST" = 1 ] && echo test || echo plain)
+base="$(sha256sum pyproject.toml | cut -d' ' -f1) $(.venv/bin/python -V 2>&1)"
+stamp=.venv/.anon-ticket-installed
+have_base=$(sed -n 1p "$stamp" 2>/dev/null || true)
+have_extras=$(sed -n 2p "$stamp" 2>/dev/null || true)
+if [ "$have_base" != "$base" ] || { [ "$have_extras" != "$extras" ] && [ "$have_extras" != test ]; }; then
+  spec=$([ "$WITH_TEST" = 1 ] && echo '.[test]' || echo '.')
+  # pip's and setuptools' chatter (an editable-install banner) stays out of the server's log.
+  log=$(mktemp)
+  if ! { .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade "pip>=23.2" \
+         && .venv/bin/python -m pip install -q --disable-pip-version-check -e "$spec"; } \
+       >"$log" 2>&1; then
+    cat "$log" >&2; rm -f "$log"; exit 1
+  fi
+  rm -f "$log"
+  printf '%s\n%s\n' "$base" "$extras" > "$stamp"
 fi
