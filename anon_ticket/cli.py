@@ -44,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting_flags(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("serve", help="run the service (needs MONERO_RPC_URL or --dev-chain)")
+    serve = sub.add_parser("serve", help="run the service (needs MONERO_RPC_URL or --dev-chain)",
+                           description="Run the service. Every setting is accepted here or "
+                           "before the command.")
+    add_setting_flags(serve, after_command=True)
 
     pid = sub.add_parser("pid", help="payment ids").add_subparsers(dest="pid_cmd", required=True)
     new = pid.add_parser("new", help="draw a payment id and build its integrated address")
@@ -56,19 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     csub.add_parser("status", help="the actor tree and storage counters")
     csub.add_parser("bloom", help="Bloom filter and cache figures")
     sk = csub.add_parser("skipped", help="transfers that did not qualify")
-    sk.add_argument("--limit", type=int, default=100)
+    sk.add_argument("--limit", type=int, default=100, help="at most this many (1..10000)")
     rv = csub.add_parser("revoke", help="revoke a service token")
-    rv.add_argument("token")
-    rv.add_argument("--reason")
-    rv.add_argument("--abuse-score", type=int)
+    rv.add_argument("token", help="the service token (64 hex)")
+    rv.add_argument("--reason", help="why, kept with the token (at most 1024 characters)")
+    rv.add_argument("--abuse-score", type=int, help="an integer from -32768 to 32767")
     bk = csub.add_parser("backup", help="online backup written by the server")
-    bk.add_argument("path")
+    bk.add_argument("path", help="absolute path of the tar file the server writes")
     rs = csub.add_parser("restart", help="restart one actor")
-    rs.add_argument("actor")
+    rs.add_argument("actor", help="storage, filter, hub, poller, public, internal or core")
     csub.add_parser("shutdown", help="stop the server gracefully")
     csub.add_parser("drain", help="answer claims with 503 and close watchers (before a stop)")
     pl = csub.add_parser("poller", help="pause, resume or rescan the chain poller")
-    pl.add_argument("action", choices=["pause", "resume", "rescan"])
+    pl.add_argument("action", choices=["pause", "resume", "rescan"], help="what to do")
     pl.add_argument("--from", dest="from_height", type=int,
                     help="with rescan: the first height to scan again")
 
@@ -79,12 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database maintenance").add_subparsers(
         dest="db_cmd", required=True)
     b = db.add_parser("backup", help="consistent backup (works while a server runs)")
-    b.add_argument("path")
+    b.add_argument("path", help="the tar file to write")
     r = db.add_parser("restore", help="replace the database from a backup (server stopped)")
-    r.add_argument("path")
+    r.add_argument("path", help="a tar file written by db backup")
     db.add_parser("check", help="check the invariants of the database")
     imp = db.add_parser("import-legacy", help="import the original anon-ticket's database")
-    imp.add_argument("path")
+    imp.add_argument("path", help="the original's SQLite database file")
     imp.add_argument("--rescan-from", type=int, help="make the poller rescan from this height")
     return p
 

@@ -29,16 +29,16 @@ EVENT_STATUS = {"payment_confirmed": "claimable", "claimed": "claimed", "revoked
 
 def add_client_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r = sub.add_parser("redeem", help="redeem a payment id for its service token")
-    r.add_argument("pid", metavar="PID")
+    r.add_argument("pid", metavar="PID", help="the payment id (16 hex)")
     r.add_argument("--url", default=DEFAULT_URL, help=f"public API (default {DEFAULT_URL})")
     t = sub.add_parser("token", help="service tokens").add_subparsers(dest="token_cmd",
                                                                        required=True)
     show = t.add_parser("show", help="introspect a service token")
-    show.add_argument("token", metavar="TOKEN")
-    show.add_argument("--url", default=DEFAULT_URL)
+    show.add_argument("token", metavar="TOKEN", help="the service token (64 hex)")
+    show.add_argument("--url", default=DEFAULT_URL, help=f"public API (default {DEFAULT_URL})")
     w = sub.add_parser("watch", help="follow a payment id or token live (websocket)")
-    w.add_argument("key", metavar="PID|TOKEN")
-    w.add_argument("--url", default=DEFAULT_URL)
+    w.add_argument("key", metavar="PID|TOKEN", help="a payment id (16 hex) or a token (64 hex)")
+    w.add_argument("--url", default=DEFAULT_URL, help=f"public API (default {DEFAULT_URL})")
     w.add_argument("--until", choices=sorted(REACHED), help="exit 0 once this is reached")
     w.add_argument("--timeout", type=float, help="give up after this many seconds (exit 4)")
 

@@ -257,6 +257,7 @@ class Settings:
     keep_alive_secs: float = 30.0
     read_timeout_secs: float = 10.0
     write_timeout_secs: float = 10.0
+    unknown_rate_per_sec: float = 200.0
     request_timeout_secs: float = 5.0
     batch_limit: int = 256
     grace_secs: float = 10.0
@@ -438,6 +439,8 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("read_timeout_secs", "a request's head, then its body, must arrive within this"),
     _Spec("write_timeout_secs", "a response the client does not take within this ends "
           "its connection"),
+    _Spec("unknown_rate_per_sec", "answers about unknown ids (404 redeem/token) and websocket "
+          "subscribes past this rate are held back up to 5 s (0 = never)"),
     _Spec("request_timeout_secs", "deadline of every internal request in seconds"),
     _Spec("batch_limit", "storage group-commit batch size (1..10000)"),
     _Spec("grace_secs", "shutdown grace in seconds"),
@@ -751,6 +754,8 @@ def load_settings(
                                    d.read_timeout_secs),
         write_timeout_secs=src.take("write_timeout_secs", _float(0, lo_open=True, hi=600),
                                     d.write_timeout_secs),
+        unknown_rate_per_sec=src.take("unknown_rate_per_sec", _float(0, lo_open=False),
+                                      d.unknown_rate_per_sec),
         request_timeout_secs=src.take(
             "request_timeout_secs", _float(0, lo_open=True), d.request_timeout_secs
         ),
@@ -836,15 +841,19 @@ def _cross_checks(s: Settings, src: _Sources) -> list[str]:
 # --- argparse -----------------------------------------------------------------------------------
 
 
-def add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    """Add `--config` and a `--x-y` flag for every setting (booleans also get `--no-x-y`)."""
+def add_setting_flags(parser: argparse.ArgumentParser, *, after_command: bool = False) -> None:
+    """Add `--config` and a `--x-y` flag for every setting (booleans also get `--no-x-y`).
+
+    `after_command`: the flags of a subcommand (`serve --dev-chain`), which must not reset
+    what was given before it: an absent flag leaves no attribute at all."""
+    unset = argparse.SUPPRESS if after_command else None
     group = parser.add_argument_group(
         "settings", "precedence: flag > environment > TOML file (--config) > default"
     )
     group.add_argument(
         "--config",
         type=Path,
-        default=None,
+        default=unset,
         metavar="PATH",
         help=f"TOML config file [env {CONFIG_ENV}]",
     )
@@ -862,7 +871,7 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
                 spec.flag,
                 dest=spec.name,
                 action=argparse.BooleanOptionalAction,
-                default=None,
+                default=unset,
                 help=text,
             )
         else:
@@ -870,7 +879,7 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
                 spec.flag,
                 dest=spec.name,
                 type=str,
-                default=None,
+                default=unset,
                 metavar=spec.name.upper(),
                 help=text,
             )
