@@ -3,11 +3,17 @@
 Loopback TCP is allowed as in the original (with a start-up warning unless a bearer token is
 set); a non-loopback bind requires the token (checked by the configuration). HTTP, so operators
 can use `curl --unix-socket`. Every state-changing command is logged as an audit line.
+
+Every operator input is checked here, with a 400 that says what is wrong, before it reaches
+an actor (which checks again rather than crash). A 503 here says why: only operators read it.
 """
 
 from __future__ import annotations
 
 import hmac
+import os
+import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +23,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Response, request
 from quart_trio import QuartTrio
 
+from anon_ticket.backup import check_destination
 from anon_ticket.domain.ids import ServiceToken
 from anon_ticket.domain.messages import (
+    MAX_HEIGHT,
     ActorState,
     Backup,
     Drain,
@@ -34,7 +42,7 @@ from anon_ticket.domain.messages import (
     StorageStats,
     TreeStatus,
 )
-from anon_ticket.errors import AnonTicketError, InvalidInput
+from anon_ticket.errors import AnonTicketError, InvalidInput, Unavailable
 from anon_ticket.fdlimit import INTERNAL_CONNECTIONS
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
@@ -52,6 +60,30 @@ from supervisors.mailbox import Mailbox
 log = get_logger("internal")
 
 I16 = (-32768, 32767)
+LIMIT = re.compile(r"[0-9]{1,5}")
+ACTOR_NAME = re.compile(r"[a-z]{1,32}")
+MAX_PATH_BYTES = 4096  # PATH_MAX
+
+
+def _text(value: str) -> bool:
+    """Printable text SQLite can store: no control characters, no lone surrogates."""
+    return not any(unicodedata.category(c) in ("Cc", "Cs") for c in value)
+
+
+def _file_name(path: str) -> bool:
+    try:
+        raw = os.fsencode(path)
+    except UnicodeError:  # a lone surrogate that no byte stands for
+        return False
+    return b"\0" not in raw and len(raw) <= MAX_PATH_BYTES
+
+
+def _only(data: dict[str, Any], *allowed: str) -> None:
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        takes = ", ".join(f"`{a}`" for a in allowed) or "no fields"
+        raise InvalidInput(f"invalid request: unknown field `{unknown[0]}` (this command takes "
+                           f"{takes})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,10 +137,19 @@ class Internal:
             log.info("internal listener serving", address=describe_socket(sock))
             await serve_app(self.create_app(), sock, grace=cfg.grace,
                             shutdown=self._stop.wait, task_status=task_status,
-                            max_connections=INTERNAL_CONNECTIONS)
+                            max_connections=INTERNAL_CONNECTIONS,
+                            stats=(self.metrics, "internal"))
 
     def create_app(self) -> QuartTrio:
         app = new_app("anon_ticket.internal", max_body_bytes=self.config.max_body_bytes)
+
+        @app.errorhandler(Unavailable)
+        async def _unavailable(exc: Unavailable) -> Response:
+            # The public listener never says why; an operator should know (which actor is
+            # down, that the wallet's height is not known yet).
+            return json_error(503, str(exc) or "service temporarily unavailable",
+                              exc.retry_after)
+
         cfg = self.config
         timeout = cfg.request_timeout
         expected = f"Bearer {cfg.token}".encode() if cfg.token else None
@@ -140,9 +181,10 @@ class Internal:
             data = await body()
             reason = data.get("reason")
             score = data.get("abuse_score")
-            if reason is not None and (not isinstance(reason, str) or len(reason) > 1024):
-                raise InvalidInput("invalid request: `reason` must be a string of at most "
-                                   "1024 characters")
+            if reason is not None and (not isinstance(reason, str) or len(reason) > 1024
+                                       or not _text(reason)):
+                raise InvalidInput("invalid request: `reason` must be text of at most 1024 "
+                                   "characters, without control characters")
             if score is not None and (type(score) is not int or not I16[0] <= score <= I16[1]):
                 raise InvalidInput("invalid request: `abuse_score` must be an integer "
                                    "from -32768 to 32767")
@@ -175,20 +217,28 @@ class Internal:
                 raise InvalidInput("no poller runs in this process")
             return self.poller
 
+        async def no_fields() -> None:
+            _only(await body())
+
         @app.post("/admin/poller/pause")
         async def pause() -> Response:
+            await no_fields()
             return json_response(await poller().ask(PausePoller(), timeout))
 
         @app.post("/admin/poller/resume")
         async def resume() -> Response:
+            await no_fields()
             return json_response(await poller().ask(ResumePoller(), timeout))
 
         @app.post("/admin/poller/rescan")
         async def rescan() -> Response:
-            height = (await body()).get("from_height")
-            if type(height) is not int or height < 0:
+            data = await body()
+            _only(data, "from_height")
+            height = data.get("from_height")
+            if type(height) is not int or not 0 <= height <= MAX_HEIGHT:
                 raise InvalidInput("invalid request: `from_height` must be a non-negative "
-                                   "integer")
+                                   "integer (a block height)")
+            # The poller refuses a height above the wallet's (it knows it).
             return json_response(await poller().ask(RescanFrom(height), timeout))
 
         @app.get("/admin/bloom")
@@ -198,7 +248,7 @@ class Internal:
         @app.get("/admin/skipped")
         async def skipped() -> Response:
             raw = request.args.get("limit", "100")
-            if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
+            if not LIMIT.fullmatch(raw) or not 1 <= int(raw) <= 10_000:
                 raise InvalidInput("invalid request: limit must be an integer from 1 to 10000")
             rows = await self.storage.ask(ListSkipped(int(raw)), timeout)
             return json_response({"skipped": [
@@ -208,21 +258,33 @@ class Internal:
         @app.post("/admin/backup")
         async def backup() -> Response:
             data = await body()
+            _only(data, "path")
             path = data.get("path")
             if not isinstance(path, str) or not path.startswith("/"):
                 raise InvalidInput("invalid request: `path` must be an absolute path")
-            log.info("audit: backup", path=path)
-            done = await self.storage.ask(Backup(path), max(timeout, 600.0))
+            if not _file_name(path):
+                raise InvalidInput("invalid request: `path` must be a file name without NUL "
+                                   f"characters, at most {MAX_PATH_BYTES} bytes")
+            # An existing directory, no special file system or file (off the loop: a stat
+            # may hang on a network file system); storage checks again.
+            dest = await trio.to_thread.run_sync(check_destination, Path(path))
+            log.info("audit: backup", path=str(dest))
+            done = await self.storage.ask(Backup(str(dest)), max(timeout, 600.0))
             return json_response({"path": done.path, "bytes": done.bytes,
                                   "seconds": round(done.seconds, 3)})
 
         @app.post("/admin/actors/<name>/restart")
         async def restart(name: str) -> Response:
+            await no_fields()
+            if not ACTOR_NAME.fullmatch(name):
+                raise InvalidInput("invalid request: an actor's name is lowercase letters, "
+                                   "like storage, filter, poller, public, internal or core")
             await self.supervisor.ask(RestartActor(name), timeout)
             return json_response({"restarted": name})
 
         @app.post("/admin/drain")
         async def drain() -> Response:
+            await no_fields()
             if self.public is None:
                 raise InvalidInput("no public listener runs in this process")
             log.info("audit: drain")
@@ -230,6 +292,7 @@ class Internal:
 
         @app.post("/admin/shutdown")
         async def shutdown() -> Response:
+            await no_fields()
             await self.supervisor.ask(Shutdown("operator command"), timeout)
             return json_response({"status": "shutting down"})
 

@@ -11,7 +11,12 @@ Each tick: `refresh`, `get_height`, then
    counts once, I1); a recorded transfer missing from it is declared vanished only if
    `get_transfer_by_txid` no longer knows it (I6).
 Failures back off exponentially with jitter; the poller never exits on a wallet problem, and
-redemption of recorded payments does not depend on it.
+redemption of recorded payments does not depend on it. Its status tells a wallet failure from
+a storage one (a full disk is not the wallet's fault).
+
+An operator's rescan is applied by the polling loop itself, between ticks: a tick in flight is
+cancelled first, so its window's cursor (committed with the window) cannot overwrite the
+rescan's. The command is answered once the new cursor is committed.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import trio
 
 from anon_ticket.domain.ids import PaymentId
 from anon_ticket.domain.messages import (
+    MAX_HEIGHT,
     Confirmations,
     MarkVanished,
     PausePoller,
@@ -45,11 +51,13 @@ from anon_ticket.domain.transfers import classify, sighting
 from anon_ticket.errors import (
     AnonTicketError,
     ConfigError,
+    InvalidInput,
     NotFound,
     RpcBusy,
     RpcError,
     RpcTimeout,
     RpcUnavailable,
+    Unavailable,
 )
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
@@ -80,6 +88,14 @@ class PollerConfig:
     @property
     def reorg_window(self) -> int:
         return max(2 * self.min_confirmations, 20)
+
+
+class _StorageFailed(Exception):
+    """Storage could not answer the poller: not the wallet's fault."""
+
+    def __init__(self, error: AnonTicketError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def chunks_at_block_boundaries(transfers: list[Transfer], skipped: list[SkippedTransfer],
@@ -126,8 +142,14 @@ class Poller:
         self.paused = False
         self.last_success: float | None = None
         self.last_error: str | None = None
+        self.wallet_error: str | None = None  # the wallet's last failure, until it is past
+        self.storage_error: str | None = None  # recording failed, until a tick completes
+        self._wallet_answered = False  # in this tick
         self.failures = 0
         self._wake = trio.Event()
+        # A rescan waiting for the loop: the new cursor and whom to answer once it is stored.
+        self._rescan: tuple[int, list[Envelope[Any]]] | None = None
+        self._tick_scope: trio.CancelScope | None = None
         self._seen: OrderedDict[str, int] = OrderedDict()
         self._rng = random.Random()
 
@@ -146,15 +168,28 @@ class Poller:
 
     async def _loop(self) -> None:
         while True:
+            while self._rescan is not None:
+                await self._apply_rescan()
             if not self.paused:
-                try:
-                    await self.tick()
-                except ConfigError:
-                    raise  # the wrong wallet: restarting cannot fix it (exit 2)
-                except RpcError as exc:
-                    self._failed(exc)
-                except AnonTicketError as exc:  # storage restarting: try again soon
-                    self._failed(exc)
+                self._wallet_answered = False
+                with trio.CancelScope() as self._tick_scope:  # a rescan cancels it
+                    try:
+                        await self.tick()
+                    except ConfigError:
+                        raise  # the wrong wallet: restarting cannot fix it (exit 2)
+                    except RpcError as exc:
+                        self.wallet_error = str(exc)
+                        self._failed(exc)
+                    except _StorageFailed as exc:  # a full disk, storage restarting
+                        if self._wallet_answered:
+                            self.wallet_error = None  # the wallet is fine: it answered
+                        self.storage_error = str(exc.error)
+                        self._failed(exc.error, "storage")
+                    except AnonTicketError as exc:
+                        self._failed(exc, "poll")
+                self._tick_scope = None
+                if self._rescan is not None:
+                    continue
             delay = self.config.poll_interval
             if self.failures:
                 base = min(self.config.backoff_max,
@@ -165,15 +200,26 @@ class Poller:
                 await self._wake.wait()
             self._wake = trio.Event()
 
-    def _failed(self, exc: AnonTicketError) -> None:
+    def _failed(self, exc: AnonTicketError, source: str = "wallet") -> None:
         self.failures += 1
-        self.last_error = str(exc)
-        kind = ("timeout" if isinstance(exc, RpcTimeout) else
-                "unavailable" if isinstance(exc, RpcUnavailable) else
-                "busy" if isinstance(exc, RpcBusy) else "error")
-        self.metrics.rpc_calls.labels(kind).inc()
+        self.last_error = f"recording failed: {exc}" if source == "storage" else str(exc)
+        if source != "storage":
+            kind = ("timeout" if isinstance(exc, RpcTimeout) else
+                    "unavailable" if isinstance(exc, RpcUnavailable) else
+                    "busy" if isinstance(exc, RpcBusy) else "error")
+            self.metrics.rpc_calls.labels(kind).inc()
         (log.warning if self.failures < 3 else log.error)(
-            "poll failed", error=str(exc), failures=self.failures)
+            "poll failed", source=source, error=str(exc), failures=self.failures)
+
+    async def _store(self, msg: object) -> Any:
+        """Ask storage; its failure is reported as storage's (NotFound is an answer)."""
+        try:
+            return await self.storage.ask(msg, self.config.request_timeout)
+        except NotFound:
+            raise
+        except AnonTicketError as exc:
+            raise _StorageFailed(exc) from exc
+
 
     async def _serve_commands(self) -> None:
         env: Envelope[Any]
@@ -191,12 +237,56 @@ class Poller:
                 self._wake.set()
                 env.reply(self.status())
             elif isinstance(msg, RescanFrom):
-                await self.storage.ask(RecordTransfers((), cursor=max(0, msg.height - 1)),
-                                       self.config.request_timeout)
-                self.cursor = max(0, msg.height - 1)
-                log.info("audit: rescan", from_height=msg.height)
+                try:
+                    await self._check_rescan(msg.height)
+                except _StorageFailed as exc:
+                    env.fail(exc.error)
+                    continue
+                except AnonTicketError as exc:
+                    env.fail(exc)
+                    continue
+                waiting = self._rescan[1] if self._rescan is not None else []
+                self._rescan = (max(0, msg.height - 1), [*waiting, env])
+                if self._tick_scope is not None:
+                    self._tick_scope.cancel()  # its window's cursor must not overwrite ours
                 self._wake.set()
-                env.reply(self.status())
+            else:
+                env.fail(InvalidInput(f"invalid request: the poller does not take {msg!r}"))
+
+    async def _check_rescan(self, height: object) -> None:
+        """A height above the wallet's would skip the blocks below it once they come; going
+        back (to the cursor or below) is always safe: nothing is credited twice (I1), so it
+        needs no wallet (the cursor is read from storage if no tick has yet)."""
+        if type(height) is not int or not 0 <= height <= MAX_HEIGHT:
+            raise InvalidInput("invalid request: `from_height` must be a non-negative integer "
+                               "(a block height)")
+        cursor = self.cursor if self.cursor is not None else await self._load_cursor()
+        if height <= cursor + 1:
+            return
+        if self.wallet_height is None:
+            raise Unavailable("cannot check `from_height` yet: the wallet's height is not "
+                              "known (the wallet has not answered); retry once it has",
+                              retry_after=5)
+        if height > self.wallet_height:
+            raise InvalidInput(f"invalid request: `from_height` {height} is above the "
+                               f"wallet's height {self.wallet_height}")
+
+    async def _apply_rescan(self) -> None:
+        """Between ticks: commit the new cursor, then answer every rescan it settles."""
+        assert self._rescan is not None
+        cursor, waiting = self._rescan
+        self._rescan = None
+        try:
+            await self._store(RecordTransfers((), cursor=cursor))
+        except _StorageFailed as exc:
+            for env in waiting:
+                env.fail(exc.error)
+            return
+        self.cursor = cursor
+        log.info("audit: rescan", from_height=cursor + 1)
+        status = self.status()
+        for env in waiting:
+            env.reply(status)
 
     def status(self) -> dict[str, Any]:
         lag = None
@@ -206,11 +296,14 @@ class Poller:
         lagging = lag is not None and lag > max(self.config.window_blocks,
                                                 2 * self.config.min_confirmations)
         stale = age is None or age > max(60.0, 6 * self.config.poll_interval)
-        reachable = self.failures == 0 and self.last_success is not None
+        # The wallet answered a whole tick, or as much of one as storage let it.
+        reachable = self.wallet_error is None and (
+            self.last_success is not None or self.storage_error is not None)
+        ok = reachable and self.last_error is None and not (stale or lagging)
         return {
-            "state": "paused" if self.paused else (
-                "ok" if reachable and not (stale or lagging) else "degraded"),
+            "state": "paused" if self.paused else ("ok" if ok else "degraded"),
             "wallet_reachable": reachable,
+            "storage_error": self.storage_error,
             "wallet_height": self.wallet_height,
             "cursor": self.cursor,
             "lag_blocks": lag,
@@ -246,9 +339,10 @@ class Poller:
         log.info("wallet identified", primary_address=identity.primary_address,
                  watch_only=identity.watch_only)
         self.identity = identity
+        self._wallet_answered = True
 
     async def _load_cursor(self) -> int:
-        stored = await self.storage.ask(ReadCursor(), self.config.request_timeout)
+        stored = await self._store(ReadCursor())
         if stored is not None:
             return int(stored)
         start = self.config.start_height
@@ -262,6 +356,7 @@ class Poller:
             log.info("poller starting", cursor=self.cursor)
         await self.wallet.refresh()
         height = await self.wallet.get_height()
+        self._wallet_answered = True
         self.wallet_height = height
         self.metrics.wallet_height.set(height)
         safe = self._safe_height(height)
@@ -269,7 +364,7 @@ class Poller:
         await self._recent_window(height, safe)
         self.metrics.rpc_calls.labels("ok").inc()
         self.failures = 0
-        self.last_error = None
+        self.last_error = self.storage_error = self.wallet_error = None
         self.last_success = time.monotonic()
 
     async def _credit_up_to(self, safe: int) -> None:
@@ -290,7 +385,7 @@ class Poller:
                     skipped.append(result)
                     self.metrics.payments_ingested.labels(f"skipped_{result.reason}").inc()
             for msg in chunks_at_block_boundaries(transfers, skipped, high):
-                recorded = await self.storage.ask(msg, self.config.request_timeout)
+                recorded = await self._store(msg)
                 self.metrics.payments_ingested.labels("credited").inc(recorded.credited)
                 self.metrics.payments_ingested.labels("duplicate").inc(
                     len(msg.transfers) - recorded.credited)
@@ -323,13 +418,12 @@ class Poller:
                 if isinstance(result, Transfer):
                     deep.append(result)
             self._announce(seen.pid, seen.txid, seen.amount, seen.height, confirmations)
-        recorded: tuple[RecordedTransfer, ...] = await self.storage.ask(
-            RecentTransfers(low), self.config.request_timeout)
+        recorded: tuple[RecordedTransfer, ...] = await self._store(RecentTransfers(low))
         known = {(r.txid, r.pid.raw): r.height for r in recorded}
         again = [t for t in deep if known.get((t.txid, t.pid.raw)) != t.height]
         if again:
             # Re-mined (possibly lower) after a reorg, or below a cursor that moved on.
-            await self.storage.ask(RecordTransfers(tuple(again)), self.config.request_timeout)
+            await self._store(RecordTransfers(tuple(again)))
             log.info("re-ingested recent transfers", count=len(again))
         for r in recorded:
             if r.txid in present:
@@ -337,7 +431,7 @@ class Poller:
             if await self.wallet.transfer_exists(r.txid.hex()):
                 continue
             try:  # storage publishes the `reorg` event itself, numbered and committed
-                await self.storage.ask(MarkVanished(r.txid, r.pid), self.config.request_timeout)
+                await self._store(MarkVanished(r.txid, r.pid))
             except NotFound:
                 continue
             self.metrics.payments_ingested.labels("vanished").inc()

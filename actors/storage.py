@@ -9,7 +9,9 @@ request sinks no other. Only after its COMMIT do a transaction's requests get th
 and the filter hear what changed (one message, before the next transaction runs, so what is
 committed reaches the filter and the hub in commit order). If a transaction is lost (a failed
 COMMIT, or SQLite rolling it back on FULL/IOERR/NOMEM), every request in it gets a retryable
-error and nothing is replied as done.
+error and nothing is replied as done. Storage remembers why (until a later write commits):
+/healthz asks (`StorageHealth`), and while writes fail, asking probes with a tiny write, so
+health recovers with the disk and not only when the next claim comes.
 
 The SQL runs inline on the trio loop: one batch costs tens of microseconds per request, far
 less than a thread round trip. What is slow (checkpoints, backups) runs on its own connection
@@ -18,6 +20,7 @@ in a worker thread.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ import apsw
 import trio
 
 from anon_ticket import backup
+from anon_ticket.datadir import create_private
 from anon_ticket.domain.ids import PaymentId, ServiceToken
 from anon_ticket.domain.messages import (
     AddPids,
@@ -52,6 +56,7 @@ from anon_ticket.domain.messages import (
     RecordTransfers,
     Revoke,
     SkippedRow,
+    StorageHealth,
     StorageStats,
     TicketEvent,
     TicketState,
@@ -60,7 +65,14 @@ from anon_ticket.domain.messages import (
 )
 from anon_ticket.domain.timefmt import rfc3339
 from anon_ticket.domain.tokens import Derivation, derive
-from anon_ticket.errors import AnonTicketError, NotFound, StorageError, Unavailable
+from anon_ticket.errors import (
+    AnonTicketError,
+    BackupFailed,
+    InvalidInput,
+    NotFound,
+    StorageError,
+    Unavailable,
+)
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
 from supervisors.mailbox import Envelope, Failure, Mailbox
@@ -109,6 +121,14 @@ FORCE_RESTART_WAL_PAGES = 64_000  # 256 MB
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 # A RESTART that a reader held up (a backup, say) is tried again after this many seconds.
 RESTART_RETRY_SECS = 1.0
+# While writes fail, a health question probes with a tiny write at most this often.
+WRITE_PROBE_SECS = 1.0
+# The probe: one row of `state` set to a new value (a write that changes nothing is skipped).
+WRITE_PROBE = ("INSERT INTO state (key, value) VALUES ('write_probe', ?) "
+               "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+# A statement failing with one of these means the disk refuses writes, not a bad request.
+DISK_ERRORS = (apsw.FullError, apsw.IOError, apsw.ReadOnlyError, apsw.CantOpenError,
+               apsw.CorruptError, apsw.NotADBError)
 
 
 def restart_due(pages: int, copied: int | None) -> bool:
@@ -150,6 +170,7 @@ Handled = tuple[object, tuple[Effect, ...]]
 
 
 def open_connection(path: Path) -> apsw.Connection:
+    create_private(path)  # (exists as a rule: migrations ran) a new file is never 0644
     conn = apsw.Connection(str(path))
     conn.setbusytimeout(5000)
     conn.execute("PRAGMA journal_mode = WAL")
@@ -208,6 +229,9 @@ class Storage:
         self._restart_due = False  # a passive checkpoint has just run, the log is long
         self._restart_after = 0.0  # after a RESTART a reader blocked: not again before this
         self._epoch = 0
+        # Why the last write transaction was lost; None once a later one wrote and committed.
+        self._write_error: str | None = None
+        self._probed_at = -math.inf
 
     # --- running ----------------------------------------------------------------------------
 
@@ -269,6 +293,8 @@ class Storage:
                 env.reply_to = None  # its sender has given up
             elif isinstance(env.msg, Backup):
                 nursery.start_soon(self._backup, env)
+            elif type(env.msg) is StorageHealth:
+                env.reply(self._health())
             else:
                 live.append(env)
         return live
@@ -309,6 +335,7 @@ class Storage:
         effects: list[Effect] = []
         self._now = rfc3339(time.time())
         multi = self._multi_write
+        changes = conn.total_changes()
         try:
             with conn:  # one COMMIT for the whole group (BEGIN at the outermost level)
                 for env in group:
@@ -326,7 +353,16 @@ class Storage:
                             raise  # SQLite rolled the whole transaction back
                         log.error("request failed", request=self._kinds[kind],
                                   error=type(exc).__name__)
+                        if isinstance(exc, DISK_ERRORS):
+                            self._write_failed(exc)
                         answer, more = Failure(Unavailable("storage error")), ()
+                    except (OverflowError, UnicodeError, ValueError) as exc:
+                        # A value SQLite cannot hold (an integer past 64 bits, a lone
+                        # surrogate): refused before any statement of it ran.
+                        log.error("request refused", request=self._kinds[kind],
+                                  error=type(exc).__name__)
+                        answer, more = Failure(InvalidInput(
+                            "invalid request: a value cannot be stored")), ()
                     if kind in multi and isinstance(answer, Failure):
                         raise _Undo(answer)  # alone in this transaction: roll back its part
                     answers.append((env, answer))
@@ -338,9 +374,12 @@ class Storage:
         except apsw.Error as exc:
             self.metrics.batches_failed.inc()
             log.error("transaction lost", size=len(group), error=type(exc).__name__)
+            self._write_failed(exc)
             for env in group:
                 env.fail(Unavailable("storage could not commit; retry"))
             return []
+        if self._write_error is not None and conn.total_changes() > changes:
+            self._write_recovered()
         # Committed: only now does anyone hear about it.
         self.metrics.batch_size.observe(len(group))
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
@@ -357,6 +396,38 @@ class Storage:
             if counter is not None:  # (not for a message without a handler)
                 counter.inc(n)
         return effects
+
+    # --- write health ------------------------------------------------------------------------
+
+    def _write_failed(self, exc: apsw.Error) -> None:
+        reason = (str(exc).strip() or type(exc).__name__)[:200]
+        if self._write_error is None:
+            log.error("storage cannot write", error=reason)
+        self._write_error = reason
+
+    def _write_recovered(self) -> None:
+        log.info("storage writes again", after=self._write_error)
+        self._write_error = None
+
+    def _health(self) -> dict[str, Any]:
+        """Whether writes work; while they failed, a tiny write transaction (rate-limited)
+        tells whether they work again: no claim needs to arrive first."""
+        now = trio.current_time()
+        if self._write_error is not None and now - self._probed_at >= WRITE_PROBE_SECS:
+            self._probed_at = now
+            self._probe()
+        return {"writable": self._write_error is None, "error": self._write_error}
+
+    def _probe(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        try:
+            with conn:
+                conn.execute(WRITE_PROBE, (time.time_ns(),))
+        except apsw.Error as exc:
+            self._write_failed(exc)
+            return
+        self._write_recovered()
 
     # --- request handlers (inside a transaction) -----------------------------------------------
 
@@ -532,7 +603,8 @@ class Storage:
         (skipped,) = self._one("SELECT count(*) FROM skipped", ())
         cursor = self._read_cursor(ReadCursor())[0]
         return {"tickets": tickets, "claimed": claimed, "revoked": revoked,
-                "transfers": transfers, "skipped": skipped, "cursor": cursor}, ()
+                "transfers": transfers, "skipped": skipped, "cursor": cursor,
+                "write_error": self._write_error}, ()
 
     # --- off the loop -----------------------------------------------------------------------
 
@@ -541,9 +613,13 @@ class Storage:
         try:
             result = await trio.to_thread.run_sync(
                 backup.write_backup, self.config.db_path, self.config.secret_path, Path(msg.path))
-        except (StorageError, OSError) as exc:
-            log.error("backup failed", error=str(exc))
-            env.fail(StorageError(f"backup failed: {exc}"))
+        except BackupFailed as exc:  # the destination's fault: the operator's to fix (400)
+            log.warning("backup failed", error=str(exc))
+            env.fail(exc)
+            return
+        except Exception as exc:  # a backup's failure is its own: storage goes on serving
+            log.error("backup failed", error=f"{type(exc).__name__}: {exc}")
+            env.fail(StorageError(f"backup failed: {type(exc).__name__}"))
             return
         log.info("backup written", path=str(result.path), bytes=result.bytes,
                  seconds=round(result.seconds, 3))
@@ -599,6 +675,9 @@ class Storage:
         try:
             row = self._checkpoints.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
         except apsw.BusyError:
+            return None
+        except apsw.Error as exc:  # a full or failing disk: the log keeps everything; later
+            log.warning("checkpoint failed", mode=mode, error=str(exc))
             return None
         if row is None or (mode == "RESTART" and row[0] != 0) or row[2] < 0:
             return None  # (-1: nothing could be checkpointed at all)

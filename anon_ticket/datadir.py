@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import os
 import secrets
 import stat
@@ -38,6 +39,54 @@ def _read_pid(fd: int) -> int | None:
         return None
     text = raw.decode("ascii", "replace").strip()
     return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def create_private(path: Path) -> bool:
+    """Create `path` empty with mode 0600 unless it exists (True when it was created).
+
+    Done before SQLite opens a new database or a copy of one: they hold service tokens, and
+    SQLite would create the file through the umask (0644 as a rule), then give its -wal,
+    -shm and journal files the main file's mode."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return False
+    try:
+        os.fchmod(fd, 0o600)  # exactly 0600, whatever the umask took away
+    finally:
+        os.close(fd)
+    return True
+
+
+def database_files(db_path: Path) -> list[Path]:
+    """The database and every file that holds a copy of its rows: -wal, -shm, a rollback
+    journal, the migrations' `<db>.pre-*.bak` backups."""
+    files = [db_path, *(Path(f"{db_path}{s}") for s in ("-wal", "-shm", "-journal"))]
+    with contextlib.suppress(OSError):
+        files.extend(sorted(db_path.parent.glob(f"{glob.escape(db_path.name)}.pre-*.bak")))
+    return files
+
+
+def tighten_database_files(db_path: Path) -> list[str]:
+    """Take group and other access away from the database's files (an older version, or
+    another tool, created them 0644); returns `name (mode)` for each file changed."""
+    changed: list[str] = []
+    for path in database_files(db_path):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        if not stat.S_ISREG(st.st_mode) or not mode & 0o077:
+            continue
+        try:
+            os.chmod(path, mode & 0o700)
+        except OSError as exc:
+            raise StorageError(
+                f"{path} is readable by group or others (mode {mode:04o}) and cannot be "
+                f"tightened: {exc.strerror}; run: chmod 600 {path}") from exc
+        changed.append(f"{path.name} ({mode:04o})")
+    return changed
 
 
 class DataDirLock:

@@ -31,6 +31,14 @@ class InvalidAddress(InvalidInput):
         super().__init__(f"invalid address: {reason}")
 
 
+class BackupFailed(InvalidInput):
+    """A backup cannot be written where the operator asked: an unusable destination, or a
+    write failure there (permissions, no space, a read-only file system).
+
+    The service is fine and retrying the same place fails again: a 400 whose message says
+    what to change (another place, or free space)."""
+
+
 class NotFound(AnonTicketError):
     """The thing asked for does not exist (or is not claimable yet)."""
 

@@ -17,13 +17,18 @@ Layout (binary ids: pid 8 bytes, txid and token 32 bytes):
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from pathlib import Path
 
 from sqlite_utils import Database, Migrations
 
+from anon_ticket.datadir import create_private, tighten_database_files
 from anon_ticket.errors import StorageError
+from anon_ticket.logs import get_logger
+
+log = get_logger("schema")
 
 MIGRATION_SET = "anon_ticket"
 migrations = Migrations(MIGRATION_SET)
@@ -168,8 +173,16 @@ def _tables(conn: sqlite3.Connection) -> set[str]:
 
 
 def migrate(path: Path) -> list[str]:
-    """Bring the database at `path` to this version's schema; return the migrations applied."""
+    """Bring the database at `path` to this version's schema; return the migrations applied.
+
+    Its files are made private first (0600: they hold service tokens): a new database is
+    created so, an existing one's group- or other-readable files are tightened (logged)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    create_private(path)
+    tightened = tighten_database_files(path)
+    if tightened:
+        log.warning("database files were readable by group or others; now 0600",
+                    files=", ".join(tightened))
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         tables = _tables(conn)
@@ -189,6 +202,8 @@ def migrate(path: Path) -> list[str]:
         pending = [m.name for m in migrations.pending(db)]
         if pending and applied:
             backup = path.with_name(f"{path.name}.pre-{pending[0]}-{int(time.time())}.bak")
+            if not create_private(backup):
+                os.chmod(backup, 0o600)  # (a second migration within the same second)
             dest = sqlite3.connect(backup)
             with dest:
                 conn.backup(dest)

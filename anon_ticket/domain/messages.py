@@ -192,6 +192,13 @@ class StorageStats:
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class StorageHealth:
+    """Can storage write? Answered at once, outside any transaction: `{"writable": bool,
+    "error": str | None}`. While the last write transaction failed, asking probes with a
+    tiny write (at most once a second), so health recovers without waiting for a claim."""
+
+
 # --- filter --------------------------------------------------------------------------------
 
 
@@ -290,6 +297,10 @@ class PausePoller:
 @dataclass(frozen=True, slots=True)
 class ResumePoller:
     pass
+
+
+# The largest height (or cursor) storage can hold: SQLite integers are 64-bit.
+MAX_HEIGHT = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,39 @@ class ReplySlot:
     def put(self, value: object) -> None:
         self.value = value
         self.done.set()
+
+
+class _FaultyFile(apsw.VFSFile):
+    def __init__(self, disk: FaultyDisk, name: Any, flags: list[int]) -> None:
+        super().__init__("unix", name, flags)
+        self._disk = disk
+
+    def xWrite(self, data: bytes, offset: int) -> None:
+        if self._disk.full:
+            raise apsw.FullError("injected: no space left on device")
+        super().xWrite(data, offset)
+
+
+class FaultyDisk(apsw.VFS):
+    """SQLite's files through a VFS whose writes fail with SQLITE_FULL while `full` is set:
+    the database, its log and its journals, as on a disk that filled up."""
+
+    def __init__(self) -> None:
+        self.full = False
+        super().__init__("faulty-disk", base="unix", makedefault=True)
+
+    def xOpen(self, name: Any, flags: list[int]) -> apsw.VFSFile:
+        return _FaultyFile(self, name, flags)
+
+
+@contextmanager
+def faulty_disk() -> Iterator[FaultyDisk]:
+    """The default VFS of every APSW connection opened meanwhile (storage's among them)."""
+    disk = FaultyDisk()
+    try:
+        yield disk
+    finally:
+        disk.unregister()
 
 
 @dataclass

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import errno
+import json as jsonlib
 import os
+import socket
 import stat
+import sys
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import apsw
+import httpx
+import pytest
+import trio
 
 from anon_ticket.domain.ids import PaymentId
 from anon_ticket.domain.messages import RecordTransfers, SkippedTransfer
 from tests.actors.test_public import assert_json_error
-from tests.harness import running_server
+from tests.harness import Server, running_server
 
 INTERNAL_ROUTES = [
     ("GET", "/metrics"),
@@ -120,6 +128,7 @@ async def test_online_backup_and_actor_restart(tmp_path: Path) -> None:
         pid = PaymentId.generate()
         await srv.pay(pid)
         dest = tmp_path / "backups" / "b1.tar"
+        dest.parent.mkdir()  # (a directory that does not exist is refused)
         resp = await srv.internal.post("/admin/backup", json={"path": str(dest)})
         assert resp.status_code == 200, resp.text
         assert stat.S_IMODE(dest.stat().st_mode) == 0o600
@@ -157,3 +166,136 @@ async def test_internal_tcp_requires_its_bearer_token(tmp_path: Path) -> None:
             assert_json_error(wrong, 401)
             ok = await c.get("/admin/status", headers={"Authorization": f"Bearer {token}"})
             assert ok.status_code == 200
+
+
+def _restarts(srv: Server) -> dict[str, int]:
+    """Every actor's restart count (crashes and operator restarts alike)."""
+    out: dict[str, int] = {}
+    todo = list(srv.tree.root.status())
+    while todo:
+        state = todo.pop()
+        out[state.name] = state.restarts
+        todo.extend(state.children)
+    return out
+
+
+async def test_operator_input_is_refused_with_a_clear_400_and_crashes_nothing(
+        tmp_path: Path) -> None:
+    # An attack run crashed storage (then the poller) with a rescan from 10**30 and got a 500
+    # for a backup to /proc/self/mem. Every field of every internal route is checked here.
+    async with running_server(tmp_path, max_body_bytes=65536) as srv:
+        pid = PaymentId.generate()
+        await srv.pay(pid)
+        token = (await srv.redeem(pid.hex())).json()["service_token"]
+        before = _restarts(srv)
+        sock = tmp_path / "a.sock"
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(sock))
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        db = srv.settings.database_path
+
+        async def post(route: str, json: dict[str, Any] | None = None) -> httpx.Response:
+            # ASCII JSON, so a lone surrogate travels as `\ud800`, as any client may send it
+            return await srv.internal.post(route, content=jsonlib.dumps(json or {}),
+                                           headers={"content-type": "application/json"})
+
+        bad: list[tuple[str, dict[str, Any], str]] = [
+            *[("/admin/poller/rescan", {"from_height": h}, "`from_height` must be")
+              for h in (10**30, 2**63, -1, "5", True, 1.5, None)],
+            ("/admin/poller/rescan", {}, "`from_height` must be"),
+            ("/admin/poller/rescan", {"from_height": 5, "to": 9}, "unknown field `to`"),
+            ("/admin/backup", {"path": "/proc/self/mem"}, "special file system"),
+            ("/admin/backup", {"path": "/dev/null"}, "special file system"),
+            ("/admin/backup", {"path": "/sys/kernel/x.tar"}, "special file system"),
+            ("/admin/backup", {"path": str(tmp_path / "no" / "b.tar")}, "does not exist"),
+            ("/admin/backup", {"path": str(tmp_path)}, "is a directory"),
+            ("/admin/backup", {"path": str(sock)}, "special file"),
+            ("/admin/backup", {"path": str(fifo)}, "special file"),
+            ("/admin/backup", {"path": str(db / "x.tar")}, "is not a directory"),
+            ("/admin/backup", {"path": str(db)}, "the service's own files"),
+            ("/admin/backup", {"path": str(db.parent / "token.secret")}, "own files"),
+            ("/admin/backup", {"path": "/tmp/a\x00b"}, "without NUL"),
+            ("/admin/backup", {"path": "/tmp/\ud800"}, "without NUL"),
+            ("/admin/backup", {"path": "/" + "a" * 5000}, "at most 4096 bytes"),
+            ("/admin/backup", {"path": "b.tar"}, "absolute path"),
+            ("/admin/backup", {"path": ["/tmp/b.tar"]}, "absolute path"),
+            ("/admin/backup", {"path": "/tmp/b.tar", "mode": 644}, "unknown field `mode`"),
+            *[(f"/api/v1/token/{token}/revoke", body, "invalid request")
+              for body in ({"reason": "a\x00b"}, {"reason": "\ud800"}, {"reason": "x" * 1025},
+                           {"abuse_score": 10**30}, {"abuse_score": -(2**64)})],
+            ("/admin/actors/" + "x" * 100 + "/restart", {}, "actor's name"),
+            ("/admin/actors/Storage!/restart", {}, "actor's name"),
+            *[(f"/admin/{route}", {"force": True}, "unknown field `force`")
+              for route in ("poller/pause", "poller/resume", "drain", "shutdown",
+                            "actors/storage/restart")],
+        ]
+        for route, body, text in bad:
+            resp = await post(route, json=body)
+            assert resp.status_code == 400, (route, body, resp.status_code, resp.text)
+            assert_json_error(resp, 400)
+            assert text in resp.json()["error"], (route, body, resp.json())
+        for raw in ("²", "0", "10001", "9" * 5000, "-1", "1e3", " 5"):
+            resp = await srv.internal.get("/admin/skipped", params={"limit": raw})
+            assert_json_error(resp, 400, "invalid request: limit must be an integer from 1 "
+                                         "to 10000")
+        assert_json_error(await post("/admin/actors/nobody/restart"), 404)
+        # The harness has no wallet: its height is unknown, and a 503 says so.
+        resp = await post("/admin/poller/rescan", json={"from_height": 5})
+        assert_json_error(resp, 503)
+        assert "wallet's height is not known" in resp.json()["error"]
+        assert resp.headers["Retry-After"] == "5"
+        listener.close()
+        # Nothing crashed, restarted, stopped or drained; nothing was revoked or written.
+        assert _restarts(srv) == before
+        assert srv.tree.root.stop_reason is None
+        view = (await srv.client.get(f"/api/v1/token/{token}")).json()
+        assert view["status"] == "active"
+        assert (await srv.redeem(pid.hex())).json()["status"] == "already_claimed"
+        assert sorted(os.listdir(tmp_path)) == ["a.sock", "data", "fifo"]
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+async def test_a_backup_that_cannot_be_written_is_a_400_that_says_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: int) -> None:
+    from anon_ticket import backup
+
+    def fail(*args: object) -> None:
+        raise OSError(error, os.strerror(error))
+
+    async with running_server(tmp_path) as srv:
+        before = _restarts(srv)
+        dest = tmp_path / "b.tar"
+        monkeypatch.setattr(backup, "_copy_database", fail)
+        resp = await srv.internal.post("/admin/backup", json={"path": str(dest)})
+        assert_json_error(resp, 400, f"backup failed: cannot write {dest}: "
+                                     f"{os.strerror(error)}")
+
+        def full(*args: object) -> None:
+            raise apsw.FullError("database or disk is full")
+
+        monkeypatch.setattr(backup, "_copy_database", full)
+        resp = await srv.internal.post("/admin/backup", json={"path": str(dest)})
+        assert_json_error(resp, 400, f"backup failed: cannot copy the database to {tmp_path}: "
+                                     "database or disk is full")
+        assert os.listdir(tmp_path) == ["data"]  # nothing left behind
+        assert _restarts(srv) == before
+
+
+async def test_ctl_shows_the_servers_refusal_plainly(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as srv:
+        sock = str(srv.settings.internal_socket_path)
+        ctl = [sys.executable, "-m", "anon_ticket", "--data-dir", str(tmp_path / "ctl"), "ctl",
+               "--socket", sock]
+        done = await trio.run_process([*ctl, "backup", "/proc/self/mem"], check=False,
+                                      capture_stdout=True, capture_stderr=True)
+        lines = done.stderr.decode().splitlines()
+        assert done.returncode == 2, lines
+        assert len(lines) == 1 and lines[0].startswith("anon-ticket: 400 cannot write a "
+                                                       "backup to /proc/"), lines
+        assert lines[0].endswith("is on a special file system; choose a directory on a disk")
+        done = await trio.run_process([*ctl, "poller", "rescan", "--from", str(10**30)],
+                                      check=False, capture_stdout=True, capture_stderr=True)
+        assert done.returncode == 2
+        assert done.stderr.decode() == ("anon-ticket: 400 invalid request: `from_height` must "
+                                        "be a non-negative integer (a block height)\n")

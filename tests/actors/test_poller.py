@@ -23,14 +23,16 @@ from anon_ticket.domain.messages import (
     LookupToken,
     PaymentSeen,
     PollerStatus,
+    ReadCursor,
     RecentTransfers,
     RecordTransfers,
+    RescanFrom,
     Transfer,
 )
-from anon_ticket.errors import NotFound, RpcTimeout, RpcUnavailable
+from anon_ticket.errors import InvalidInput, NotFound, RpcTimeout, RpcUnavailable, Unavailable
 from anon_ticket.walletrpc import WalletIdentity
 from supervisors.mailbox import Mailbox
-from tests.actors.core import Core, run_core
+from tests.actors.core import Core, faulty_disk, run_core
 
 PRIMARY = "4" + "A" * 94
 
@@ -276,3 +278,106 @@ def test_chunks_end_on_block_boundaries() -> None:
     for a, b in itertools.pairwise(msgs):
         assert max(t.height for t in a.transfers) < min(t.height for t in b.transfers)
     assert chunks_at_block_boundaries([], [], 7) == [RecordTransfers((), (), cursor=7)]
+
+
+class GatedWallet(ScriptedWallet):
+    """A scripted wallet whose crediting call can be held in flight."""
+
+    def __init__(self, height: int) -> None:
+        super().__init__(height)
+        self.gate: trio.Event | None = None
+        self.entered = trio.Event()
+
+    async def incoming(self, min_height: int, max_height: int) -> list[dict[str, Any]]:
+        if self.gate is not None:
+            self.entered.set()
+            await self.gate.wait()
+        return await super().incoming(min_height, max_height)
+
+
+async def test_a_rescan_during_a_wallet_call_is_not_lost(tmp_path: Path) -> None:
+    # The rescan's reply said the cursor moved; then the tick in flight finished its window
+    # and stored that window's cursor over it: the rescan was lost, and a payment the wallet
+    # found below the cursor was never credited.
+    wallet = GatedWallet(height=1000)
+    async with run_core(tmp_path) as core, trio.open_nursery() as n:
+        mb = await run_poller(core, wallet, n)
+        await wait_for(lambda: cursor_is(mb, 990))
+        missed = PaymentId.generate()
+        wallet.entries.append(entry(missed, 60))  # e.g. a wallet restored from its seed
+        wallet.gate = trio.Event()
+        wallet.height = 1100
+        with trio.fail_after(10):
+            await wallet.entered.wait()  # a crediting window (990, 1090] is in flight
+        status = await mb.ask(RescanFrom(50), 5)
+        assert status["cursor"] == 49
+        assert await core.storage.ask(ReadCursor(), 5) == 49
+        wallet.gate.set()
+        wallet.gate = None
+        await wait_for(lambda: cursor_is(mb, 1090))
+        assert (49, 149) in wallet.windows  # scanned again from 50...
+        assert (await core.storage.ask(Claim(missed), 5)).status is ClaimStatus.SUCCESS
+        assert await core.storage.ask(ReadCursor(), 5) == 1090
+        n.cancel_scope.cancel()
+
+
+async def test_rescan_heights_are_checked_by_the_poller(tmp_path: Path) -> None:
+    wallet = ScriptedWallet(height=1000)
+    async with run_core(tmp_path) as core, trio.open_nursery() as n:
+        mb = await run_poller(core, wallet, n)
+        await wait_for(lambda: cursor_is(mb, 990))
+        with pytest.raises(InvalidInput, match="above the wallet's height 1000"):
+            await mb.ask(RescanFrom(1001), 5)
+        for bad in (10**30, -1, 2**63):  # past what storage can hold: refused, no crash
+            with pytest.raises(InvalidInput, match="non-negative integer"):
+                await mb.ask(RescanFrom(bad), 5)
+        assert (await mb.ask(RescanFrom(1000), 5))["cursor"] == 999  # a jump up to the tip
+        assert (await mb.ask(RescanFrom(0), 5))["cursor"] == 0
+        await wait_for(lambda: cursor_is(mb, 990))
+        assert await core.storage.ask(ReadCursor(), 5) == 990
+        n.cancel_scope.cancel()
+
+
+async def test_a_rescan_before_the_wallet_answered_goes_back_but_not_forward(
+        tmp_path: Path) -> None:
+    # Going back is safe whatever the wallet's height; a jump forward cannot be checked.
+    wallet = ScriptedWallet(height=1000)
+    wallet.fail = RpcUnavailable("refused")
+    async with run_core(tmp_path) as core, trio.open_nursery() as n:
+        await core.storage.ask(RecordTransfers((), cursor=100), 5)
+        mb = await run_poller(core, wallet, n)
+        with pytest.raises(Unavailable, match="wallet's height is not known"):
+            await mb.ask(RescanFrom(500), 5)
+        assert (await mb.ask(RescanFrom(50), 5))["cursor"] == 49
+        assert await core.storage.ask(ReadCursor(), 5) == 49
+        n.cancel_scope.cancel()
+
+
+async def test_a_storage_failure_is_not_blamed_on_the_wallet(tmp_path: Path) -> None:
+    wallet = ScriptedWallet(height=100)
+    with faulty_disk() as disk:
+        async with run_core(tmp_path) as core, trio.open_nursery() as n:
+            mb = await run_poller(core, wallet, n)
+            await wait_for(lambda: cursor_is(mb, 90))
+            disk.full = True
+            wallet.entries = [entry(PaymentId.generate(), 95)]
+            wallet.height = 110
+
+            async def storage_failing() -> bool:
+                return (await mb.ask(PollerStatus(), 5))["storage_error"] is not None
+
+            await wait_for(storage_failing)
+            st = await mb.ask(PollerStatus(), 5)
+            assert st["state"] == "degraded"
+            assert st["wallet_reachable"] is True  # the wallet answered: not its fault
+            assert "storage" in st["storage_error"] and "recording" in st["last_error"]
+            assert core.metrics.rpc_calls.labels("error")._value.get() == 0
+            disk.full = False
+
+            async def recovered() -> bool:
+                st = await mb.ask(PollerStatus(), 5)
+                return bool(st["cursor"] == 100 and st["storage_error"] is None
+                            and st["state"] == "ok")
+
+            await wait_for(recovered)
+            n.cancel_scope.cancel()

@@ -13,8 +13,10 @@ import pytest
 import trio
 
 from actors.hub import Replay
+from actors.storage import Storage
 from anon_ticket.domain.ids import PaymentId, ServiceToken
 from anon_ticket.domain.messages import (
+    Backup,
     Claim,
     Claimed,
     ClaimStatus,
@@ -27,12 +29,14 @@ from anon_ticket.domain.messages import (
     RecordTransfers,
     Revoke,
     SkippedTransfer,
+    StorageHealth,
+    StorageStats,
     Transfer,
 )
 from anon_ticket.domain.tokens import derive_hmac
-from anon_ticket.errors import NotFound, Unavailable
+from anon_ticket.errors import BackupFailed, InvalidInput, NotFound, Unavailable
 from supervisors.mailbox import Envelope
-from tests.actors.core import ReplySlot, run_core
+from tests.actors.core import ReplySlot, faulty_disk, run_core
 
 
 class CommitCounter:
@@ -419,3 +423,78 @@ async def test_a_passive_checkpoint_in_flight_never_holds_the_writer(
         await core.pay(next(pids))  # ...which this one waited for
         assert _checkpoints(core, "restart") == 1 and calls == ["PASSIVE", "RESTART"]
         assert core.metrics.wal_pages._value.get() < 40  # the log started over
+
+
+async def test_a_full_disk_is_reported_by_health_and_a_probe_sees_it_recover(
+        tmp_path: Path) -> None:
+    # Claims fail while the disk is full (every write: SQLITE_FULL); health must say storage
+    # cannot write and why, and say it can again once the disk has room, with no claim or
+    # payment arriving first: asking for health probes with a tiny write.
+    from actors import storage
+    with faulty_disk() as disk:
+        async with run_core(tmp_path) as core:
+            pid = PaymentId.generate()
+            await core.pay(pid)
+            assert await core.storage.ask(StorageHealth(), 5) == {"writable": True,
+                                                                  "error": None}
+            disk.full = True
+            with pytest.raises(Unavailable):
+                await core.storage.ask(Claim(pid), 5)
+            health = await core.storage.ask(StorageHealth(), 5)
+            assert health == {"writable": False, "error": "database or disk is full"}
+            assert (await core.storage.ask(StorageStats(), 5))["write_error"] == health["error"]
+            disk.full = False
+            with trio.fail_after(5):  # a probe at most once a second
+                while not (await core.storage.ask(StorageHealth(), 5))["writable"]:
+                    await trio.sleep(storage.WRITE_PROBE_SECS / 10)
+            assert (await core.storage.ask(Claim(pid), 5)).status is ClaimStatus.SUCCESS
+            assert core.supervisor.status()[0].restarts == 0
+
+
+async def test_a_commit_after_a_failed_one_clears_the_failure(tmp_path: Path) -> None:
+    with faulty_disk() as disk:
+        async with run_core(tmp_path) as core:
+            disk.full = True
+            with pytest.raises(Unavailable):
+                await core.pay(PaymentId.generate())
+            assert not (await core.storage.ask(StorageHealth(), 5))["writable"]
+            disk.full = False
+            await core.pay(PaymentId.generate())  # a write that commits: writable again
+            assert (await core.storage.ask(StorageHealth(), 5))["writable"]
+
+
+async def test_values_sqlite_cannot_hold_are_refused_not_a_crash(tmp_path: Path) -> None:
+    # Defence behind the internal listener's checks: a cursor past 64 bits (the operator's
+    # rescan of 10**30 crashed storage, then the poller), a score past 64 bits, a lone
+    # surrogate in a reason, a NUL in a backup path: a failure reply, storage stays up.
+    async with run_core(tmp_path) as core:
+        pid = PaymentId.generate()
+        await core.pay(pid)
+        token = (await core.storage.ask(Claim(pid), 5)).token
+        for msg in (RecordTransfers((), cursor=10**30), RecordTransfers((), cursor=-2**64),
+                    Revoke(token, None, 10**30), Revoke(token, "\ud800", None)):
+            with pytest.raises(InvalidInput):
+                await core.storage.ask(msg, 5)
+        for path in ("/proc/self/mem", "/tmp/a\x00b", "relative.tar", str(tmp_path),
+                     str(core.db_path)):
+            with pytest.raises(BackupFailed):
+                await core.storage.ask(Backup(path), 5)
+        assert core.supervisor.status()[0].restarts == 0
+        assert not (await core.storage.ask(LookupToken(token), 5)).revoked
+        assert await core.storage.ask(ReadCursor(), 5) is None
+
+
+async def test_a_checkpoint_on_a_full_disk_is_skipped_not_a_crash(tmp_path: Path) -> None:
+    # The checkpointer copies the log into the database: on a full disk that fails too, and
+    # it crashed storage (a crash loop while the disk stayed full). The log holds everything.
+    with faulty_disk() as disk:
+        async with run_core(tmp_path) as core:
+            for _ in range(5):
+                await core.pay(PaymentId.generate())
+            actor = core.supervisor._children[0].actor
+            assert isinstance(actor, Storage)
+            disk.full = True
+            assert await trio.to_thread.run_sync(actor._checkpoint, "PASSIVE") is None
+            disk.full = False
+            assert await trio.to_thread.run_sync(actor._checkpoint, "PASSIVE") is not None
+            assert core.supervisor.status()[0].restarts == 0
