@@ -294,6 +294,14 @@ def render(report: dict[str, Any]) -> str:
                        f"-> event p50 {_fmt(f.get('p50'))} ms, p99 {_fmt(f.get('p99'))} ms; "
                        f"response -> event p50 {_fmt(r.get('p50'))} ms, p99 "
                        f"{_fmt(r.get('p99'))} ms")
+        if ws.get("rss_per_watcher_kb") is not None:
+            rounds = len(ws.get("rss_rounds", []))
+            again = (f" ({_fmt(ws.get('rss_after_last_leave_mb'), '.1f')} MB after {rounds} "
+                     "rounds)" if rounds > 1 else "")
+            out.append(f"  server RSS {_fmt(ws.get('rss_before_mb'), '.1f')} MB, "
+                       f"{_fmt(ws.get('rss_with_watchers_mb'), '.1f')} MB with the idle "
+                       f"subscribers ({_fmt(ws.get('rss_per_watcher_kb'), '.1f')} KB each), "
+                       f"{_fmt(ws.get('rss_after_leave_mb'), '.1f')} MB after they left{again}")
     skipped = [f"{name}: {report[name].get('status') or report[name].get('error')}"
                for name in SECTIONS if name in report and not _measured(report, name)]
     if skipped:

@@ -51,6 +51,8 @@ class Plan:
     ws_idle: int = 1000  # idle websocket subscribers
     ws_reps: int = 2  # runs without and with them, alternating
     ws_fanout: int = 200  # claims timed from redeem to the `claimed` event
+    # server RSS before, with the idle subscribers and after they left (a round about 3 s)
+    ws_memory_rounds: int = 2
     ingest_reps: int = 2  # ingestion runs of ours and of bare SQL, alternating
     interleave_ceiling: bool = True  # at the targets' level, the ceiling between every two
     # scenarios left out (--quick: the two that no target reads, to stay within a minute)
@@ -62,7 +64,7 @@ QUICK = Plan("quick", levels=(64,), seconds={64: 2}, reps=1, target_reps=1, uncl
              storage_reps=1, ingest_transfers=20_000, big_pids=1_000_000,
              big_via_import=False, startup_runs=1, negatives=2000, tokens=2000, profile_s=4,
              retries=1, ws_fanout=100, ingest_reps=1, ws_reps=1, interleave_ceiling=False,
-             skip=frozenset({"quart_hop", "already_claimed_uncached"}))
+             ws_memory_rounds=1, skip=frozenset({"quart_hop", "already_claimed_uncached"}))
 # Five repetitions at the targets' level: single 5 s runs there move by +-15% against the
 # ceiling runs around them on a shared machine (0.70 to 0.96 for one code path within ten
 # minutes); the median of five holds steadier than of three.
@@ -247,6 +249,24 @@ def _stall_events(before: str, after: str) -> dict[str, int]:
         "checkpoint_restart": round(checkpoints.get("restart", 0.0)),
         "slow_commits": round(commits.get("_count", 0.0) - commits.get(SLOW_COMMIT, 0.0)),
     }
+
+
+def _rss_mb(child: procs.Child) -> float:
+    return round(child.memory_kib()["VmRSS"] * 1024 / 1e6, 1)
+
+
+def _settled_rss_mb(child: procs.Child, timeout: float = 10.0) -> float:
+    """RSS once the server has dealt with what just happened (closing connections): two
+    readings in a row 0.25 s apart within 0.1 MB of each other, or what it is at `timeout`."""
+    deadline = time.monotonic() + timeout
+    last = _rss_mb(child)
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = _rss_mb(child)
+        if abs(now - last) <= 0.1:
+            return now
+        last = now
+    return last
 
 
 def _merge(dicts: list[dict[str, int]]) -> dict[str, int]:
@@ -616,12 +636,14 @@ class Bench:
     # --- websocket ---------------------------------------------------------------------------
 
     def websocket(self, data_dir: Path) -> None:
-        """New-claim throughput at the target level without and with idle subscribers
-        (alternating runs, same server), then claim → `claimed` event latency with the idle
-        subscribers still connected."""
+        """The server's RSS per idle subscriber (and after they leave), then new-claim
+        throughput at the target level without and with idle subscribers (alternating runs,
+        same server), then claim → `claimed` event latency with the idle subscribers still
+        connected."""
         p = self.plan
         level, seconds = report.TARGET_LEVEL, p.seconds[report.TARGET_LEVEL]
         server = self._serve(data_dir)
+        memory = self._watcher_memory(server)  # first: no watcher has been here before
         cells = {"none": Cell(), "idle": Cell()}
         socket = data_dir / "internal.sock"
         loads: list[dict[str, Any]] = []
@@ -697,7 +719,50 @@ class Bench:
         nc, ic = none.get("server_cpu_us_per_req"), idle.get("server_cpu_us_per_req")
         if nc and ic:
             out["cpu_ratio_idle_to_none"] = round(nc / ic, 3)
+        out.update(memory)
         self.report["websocket"] = out
+
+    def _watcher_memory(self, server: procs.Child) -> dict[str, Any]:
+        """The server's RSS before, with `ws_idle` idle subscribers connected and after they
+        left, for a few rounds in a row: what a watcher costs, and whether leaving gives it
+        back (an outside run's 10,000 watchers took 620 MB and kept it after they left: their
+        connections sat in reference cycles; a round that grows the process again would be
+        memory not given back)."""
+        p = self.plan
+        if p.ws_memory_rounds < 1:
+            return {}
+        empty = self.work / "fanout-none.txt"
+        empty.write_text("")
+        rounds = []
+        for _ in range(p.ws_memory_rounds):
+            before = _rss_mb(server)
+            watch = procs.start_watchload(server.url, p.ws_idle, empty,
+                                          cpus=self.pinning.generator)
+            with_watchers = _rss_mb(server)
+            watch.quit()
+            after = _settled_rss_mb(server)
+            rounds.append({"before_mb": before, "with_watchers_mb": with_watchers,
+                           "after_leave_mb": after,
+                           "per_watcher_kb": round((with_watchers - before) * 1000 / p.ws_idle,
+                                                   1)})
+            self.log(f"  server RSS: {before:.1f} MB, {with_watchers:.1f} MB with {p.ws_idle} "
+                     f"idle subscribers ({rounds[-1]['per_watcher_kb']} KB each), "
+                     f"{after:.1f} MB after they left")
+        first = rounds[0]
+        return {
+            "rss_before_mb": first["before_mb"],
+            "rss_with_watchers_mb": first["with_watchers_mb"],
+            "rss_per_watcher_kb": first["per_watcher_kb"],
+            "rss_after_leave_mb": first["after_leave_mb"],
+            "rss_after_last_leave_mb": rounds[-1]["after_leave_mb"],
+            "rss_rounds": rounds,
+            "rss_note": ("server VmRSS (MB = 10^6 bytes, KB = 10^3) before the section's other "
+                         "runs (the first watchers this process sees): before, once the idle "
+                         "subscribers all got their state, and once they closed and the "
+                         "server's RSS settled; then again. Freed memory stays with the "
+                         "allocator (RSS does not fall back), so a leak shows as growth from "
+                         "round to round"),
+        }
 
     # --- in-process ------------------------------------------------------------------------
 

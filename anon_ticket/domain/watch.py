@@ -22,11 +22,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from anon_ticket.domain.ids import PaymentId, ServiceToken
+from anon_ticket.domain.ids import PID_BYTES, PaymentId, ServiceToken
 from anon_ticket.domain.messages import Confirmations, PaymentSeen, TicketEvent, TicketState
 from anon_ticket.errors import InvalidInput
 
 MAX_SUBSCRIPTIONS = 16
+# Watchers of one payment id (or one token) at once: a commit's fan-out is bounded by it, and
+# so is the work one ticket's watchers cost every commit of it.
+MAX_WATCHERS_PER_KEY = 100
 # Close codes
 GOING_AWAY = 1001  # draining or shutting down
 TRY_AGAIN_LATER = 1013  # too many connections
@@ -52,6 +55,17 @@ class Key:
         value = self.pid if self.pid is not None else self.token
         assert value is not None
         return value.hex()
+
+    @property
+    def noun(self) -> str:
+        return "payment id" if self.kind == "pid" else "token"
+
+    @classmethod
+    def of_raw(cls, raw: bytes) -> Key:
+        """The key a subscription registered as bytes (8: a payment id, 32: a token)."""
+        if len(raw) == PID_BYTES:
+            return cls("pid", pid=PaymentId(raw))
+        return cls("token", token=ServiceToken(raw))
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,3 +128,9 @@ def gap_message(key: Key) -> dict[str, Any]:
 
 def error_message(text: str) -> dict[str, Any]:
     return {"type": "error", "error": text}
+
+
+def encode(message: dict[str, Any]) -> str:
+    """A server message as sent: compact JSON (the hub encodes an event once per key, not
+    once per watcher)."""
+    return json.dumps(message, separators=(",", ":"))

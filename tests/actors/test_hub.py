@@ -5,11 +5,11 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-from actors.hub import REPLAY_PER_TICKET, Hub, Replay
+from actors.hub import REPLAY_PER_TICKET, Drop, Hub, Replay, Subscribe, Watcher
 from anon_ticket.domain.ids import PaymentId, ServiceToken
 from anon_ticket.domain.messages import EventKind, Publish, TicketEvent
 from anon_ticket.metrics import Metrics
-from supervisors.mailbox import Envelope, Mailbox
+from supervisors.mailbox import Envelope, Failure, Mailbox
 from tests.actors.core import ReplySlot
 
 
@@ -51,3 +51,18 @@ def test_the_replay_buffer_holds_nothing_the_cyclic_gc_must_walk() -> None:
     for _ in range(4):  # a collection untracks one level of nested tuples
         gc.collect()
     assert not any(gc.is_tracked(buffer) for buffer in hub._replay.values())
+
+
+def test_a_key_takes_at_most_per_key_watchers_and_a_leaver_makes_room() -> None:
+    hub = Hub(Mailbox("hub"), Metrics(), per_key=2)
+    token = ServiceToken(b"t" * 32)
+    first, second, third = Watcher(), Watcher(), Watcher()
+    assert ask(hub._subscribe, Subscribe(first, token.raw)) is True
+    assert ask(hub._subscribe, Subscribe(second, token.raw)) is True
+    refused = ask(hub._subscribe, Subscribe(third, token.raw))
+    assert isinstance(refused, Failure)
+    assert str(refused.error) == "too many watchers of this token: at most 2 at once"
+    assert ask(hub._subscribe, Subscribe(first, token.raw)) is True  # already one of them
+    hub._drop(Envelope(Drop(second), None, float("inf")))
+    assert ask(hub._subscribe, Subscribe(third, token.raw)) is True
+    assert third.keys == {token.raw} and not second.keys

@@ -306,7 +306,10 @@ async def test_a_watcher_that_stops_reading_is_closed_and_slows_nothing(
                     plain.append((await rate_while_pumping(False))[0])
                 reader.cancel_scope.cancel()
             for _, closed_after, code in stuck:
-                assert code == 4008  # closed with the stated code...
+                # Closed as a slow consumer: with the stated code when the hub found it
+                # 2,048 messages behind, dropped without one when its socket took nothing for
+                # the send timeout (no close frame gets through a half-written one)...
+                assert code in (4008, None)
                 # ...within the stated time: the send timeout (2 s here) after the kernel's
                 # socket buffers (a few hundred KB on loopback) have filled up
                 assert closed_after is not None and closed_after < 20
