@@ -8,7 +8,6 @@ anything else to storage: the handler waits once.
 
 from __future__ import annotations
 
-import json
 import socket
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,7 +19,7 @@ from quart import Response, request, websocket
 from quart_trio import QuartTrio
 
 from actors.hub import Drop, Replay, Subscribe, Unsubscribe, Watcher
-from anon_ticket import __version__
+from anon_ticket import __version__, openapi
 from anon_ticket.domain.address import network_of
 from anon_ticket.domain.ids import PaymentId, ServiceToken
 from anon_ticket.domain.messages import (
@@ -31,8 +30,10 @@ from anon_ticket.domain.messages import (
     Presence,
     ReadTicketState,
     Redeem,
+    StorageHealth,
     TicketState,
 )
+from anon_ticket.domain.ratelimit import TokenBucket
 from anon_ticket.domain.watch import (
     GOING_AWAY,
     MAX_SUBSCRIPTIONS,
@@ -40,10 +41,10 @@ from anon_ticket.domain.watch import (
     TRY_AGAIN_LATER,
     Key,
     WatchRequest,
+    encode,
     error_message,
     event_message,
     gap_message,
-    note_message,
     parse_request,
     state_message,
 )
@@ -65,6 +66,8 @@ from supervisors.mailbox import Envelope, Mailbox
 log = get_logger("public")
 
 NOT_FOUND = "payment not found"
+MAX_HOLD_SECS = 5.0  # the longest an answer about an unknown id is held back
+PONG = encode({"type": "pong"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,18 +87,19 @@ class PublicConfig:
     keep_alive: float = 30.0
     read_timeout: float = 10.0
     write_timeout: float = 10.0
+    unknown_rate: float = 200.0  # answers about unknown ids a second before they are held
     watch_send_timeout: float = 10.0
     websocket_ping_interval: float = 20.0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _KeyState:
     key: Key
     seq: int | None = None  # None until the state (or replay) is sent
-    pending: list[tuple[Any, ...]] = field(default_factory=list)
+    pending: list[tuple[Any, ...]] | None = None  # events that came before it (rarely any)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _WatchConnection:
     ws: Any
     watcher: Watcher
@@ -122,6 +126,21 @@ class Public:
         self._no_watchers = trio.Event()
         self._no_watchers.set()
         self.address: str | None = None
+        rate = config.unknown_rate
+        self._unknown = (TokenBucket(rate, burst=2 * rate, max_wait=MAX_HOLD_SECS)
+                         if rate > 0 else None)  # full at first: it refills to its burst
+
+    async def hold_unknown(self) -> None:
+        """Hold an answer about an unknown id once such answers pass their rate (a spray is
+        a closed loop: held answers slow it down); past the longest hold every one waits
+        that long. Answers about recorded ids never come here."""
+        bucket = self._unknown
+        if bucket is None:
+            return
+        wait = bucket.reserve(trio.current_time())
+        if wait != 0.0:
+            self.metrics.held_unknown.inc()
+            await trio.sleep(bucket.max_wait if wait is None else wait)
 
     @property
     def draining(self) -> bool:
@@ -132,6 +151,9 @@ class Public:
         if not self.draining:
             log.info("draining", reason=reason, watchers=len(self._connections))
         self._closing.set()
+        for conn in self._connections:
+            conn.close = conn.close or (GOING_AWAY, "server draining")
+            conn.watcher.scope.cancel()
 
     async def stop(self) -> None:
         """Close websockets first (1001), then stop intake: hypercorn lets in-flight requests
@@ -175,7 +197,8 @@ class Public:
                         keep_alive_timeout=self.config.keep_alive,
                         read_timeout=self.config.read_timeout,
                         write_timeout=self.config.write_timeout,
-                        max_connections=self.config.max_connections)
+                        max_connections=self.config.max_connections,
+                        stats=(self.metrics, "public"))
         done.cancel()  # the command loop ends with the server
 
     # --- the watch protocol -----------------------------------------------------------------
@@ -189,52 +212,72 @@ class Public:
         if len(self._connections) >= self.config.max_watchers:
             await ws.close(TRY_AGAIN_LATER, "too many connections")
             return
-        conn = _WatchConnection(ws, Watcher.create())
+        watcher = Watcher()
+        conn = _WatchConnection(ws, watcher)
         if not self._connections:
             self._no_watchers = trio.Event()
         self._connections.add(conn)
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_loop, conn)
-                nursery.start_soon(self._write_loop, conn)
-                nursery.start_soon(self._guard, conn, nursery.cancel_scope)
+            with watcher.scope:  # cancelled by the hub (slow) or by a drain
+                await self._serve_watch(conn)
         finally:
             self._connections.discard(conn)
             if not self._connections:
                 self._no_watchers.set()
             try:
-                self.hub.tell(Drop(conn.watcher))
+                self.hub.tell(Drop(watcher))
             except AnonTicketError:
                 pass
+        if watcher.slow:
+            conn.close = (SLOW_CONSUMER, "slow consumer")
         if conn.close is not None:
             with trio.move_on_after(1.0):
                 await ws.close(*conn.close)
 
-    async def _guard(self, conn: _WatchConnection, scope: trio.CancelScope) -> None:
-        """Close the connection when it falls behind or the server drains."""
-        async with trio.open_nursery() as nursery:
-            async def on(event: trio.Event, code: int, reason: str) -> None:
-                await event.wait()
-                conn.close = (code, reason)
-                nursery.cancel_scope.cancel()
-            nursery.start_soon(on, conn.watcher.slow, SLOW_CONSUMER, "slow consumer")
-            nursery.start_soon(on, self._closing, GOING_AWAY, "server draining")
-        scope.cancel()
+    async def _serve_watch(self, conn: _WatchConnection) -> None:
+        """The connection's reader (a task of its own) and writer (this task).
 
-    async def _send(self, conn: _WatchConnection, message: dict[str, Any]) -> None:
+        A client that leaves cancels both from outside (quart-trio cancels the handler). That
+        leaves here as one `Cancelled`, not as the nursery's group of them: quart's handler
+        catches a group, and its handling tied the group, its tracebacks and so the whole
+        connection (about 45 KB) into reference cycles that only a full collection frees,
+        which a long-running server seldom runs (an outside run's 10,000 watchers took 620 MB
+        and kept it after they left).
+        """
+        cancelled: trio.Cancelled | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_loop, conn)
+                await self._write_loop(conn)
+        except BaseExceptionGroup as group:
+            cancelled = _only_cancelled(group)
+            if cancelled is None:
+                raise
+        if cancelled is not None:
+            try:
+                raise cancelled
+            finally:
+                del cancelled  # this frame is in its traceback: no cycle through it
+
+    async def _send(self, conn: _WatchConnection, text: str) -> None:
         with trio.move_on_after(self.config.watch_send_timeout) as timeout:
-            await conn.ws.send(json.dumps(message, separators=(",", ":")))
+            await conn.ws.send(text)
         if timeout.cancelled_caught:
-            conn.watcher.slow.set()
+            conn.watcher.mark_slow()
+
+    @staticmethod
+    def _push(conn: _WatchConnection, item: tuple[Any, ...]) -> None:
+        """Queue an answer of the reader's for the writer; a full queue is a slow consumer."""
+        if not conn.watcher.put(item):
+            conn.watcher.mark_slow()
 
     async def _read_loop(self, conn: _WatchConnection) -> None:
-        queue = conn.watcher.send
         while True:
             text = await conn.ws.receive()
             try:
                 req = parse_request(text)
                 if req.op == "ping":
-                    await queue.send(("send", {"type": "pong"}))
+                    self._push(conn, ("text", PONG))
                 elif req.op == "subscribe":
                     await self._subscribe(conn, req)
                 else:
@@ -244,11 +287,12 @@ class Public:
                         await self.hub.ask(Unsubscribe(conn.watcher, req.key.raw),
                                            self.config.request_timeout)
             except InvalidInput as exc:
-                await queue.send(("send", error_message(str(exc))))
+                self._push(conn, ("text", encode(error_message(str(exc)))))
             except NotFound:
-                await queue.send(("send", error_message(NOT_FOUND)))
+                self._push(conn, ("text", encode(error_message(NOT_FOUND))))
             except Unavailable:
-                await queue.send(("send", error_message("service temporarily unavailable")))
+                self._push(conn, ("text", encode(error_message(
+                    "service temporarily unavailable"))))
 
     async def _subscribe(self, conn: _WatchConnection, req: WatchRequest) -> None:
         assert req.key is not None and self.hub is not None
@@ -258,8 +302,10 @@ class Public:
         if len(conn.subs) >= MAX_SUBSCRIPTIONS:
             raise InvalidInput(f"invalid request: at most {MAX_SUBSCRIPTIONS} subscriptions "
                                "per connection")
+        await self.hold_unknown()  # a state read each: a flood of them waits its turn
         # Register first, then read the state: nothing committed in between is lost, and
-        # what the state already covers (seq <= n) is dropped when it arrives.
+        # what the state already covers (seq <= n) is dropped when it arrives. The hub
+        # refuses a key that has its fill of watchers (InvalidInput, sent as an error).
         conn.subs[raw] = _KeyState(key)
         try:
             await self.hub.ask(Subscribe(conn.watcher, raw), timeout)
@@ -280,12 +326,16 @@ class Public:
                 pass
             raise
         gap = req.since is not None and replay is None
-        await conn.watcher.send.send(("ready", raw, state, replay, gap))
+        self._push(conn, ("ready", raw, state, replay, gap))
 
     async def _write_loop(self, conn: _WatchConnection) -> None:
-        async for item in conn.watcher.receive:
+        """Sends what the reader and the hub queued. The hub's events come encoded (once per
+        key for all its watchers): ("event", key, seq or None, text)."""
+        watcher = conn.watcher
+        while True:
+            item = await watcher.get()
             kind = item[0]
-            if kind == "send":
+            if kind == "text":
                 await self._send(conn, item[1])
                 continue
             ks = conn.subs.get(item[1])
@@ -294,32 +344,32 @@ class Public:
             if kind == "ready":
                 _, _, state, replay, gap = item
                 if gap:
-                    await self._send(conn, gap_message(ks.key))
+                    await self._send(conn, encode(gap_message(ks.key)))
                 if replay is not None:
                     for event in replay:
-                        await self._send(conn, event_message(ks.key, event))
+                        await self._send(conn, encode(event_message(ks.key, event)))
                 else:
-                    await self._send(conn, state_message(ks.key, state))
+                    await self._send(conn, encode(state_message(ks.key, state)))
                 ks.seq = state.seq
-                pending, ks.pending = ks.pending, []
-                for held in pending:
+                pending, ks.pending = ks.pending, None
+                for held in pending or ():
                     await self._forward(conn, ks, held)
             elif ks.seq is None:
+                if ks.pending is None:
+                    ks.pending = []
                 ks.pending.append(item)  # until its state is out
             else:
                 await self._forward(conn, ks, item)
 
     async def _forward(self, conn: _WatchConnection, ks: _KeyState, item: tuple[Any, ...]
                        ) -> None:
-        if item[0] == "event":
-            event = item[2]
+        seq = item[2]
+        if seq is not None:  # a committed fact: skip what the state or replay covered
             assert ks.seq is not None
-            if event.seq <= ks.seq:
-                return  # already covered by the state or the replay
-            ks.seq = event.seq
-            await self._send(conn, event_message(ks.key, event))
-        else:
-            await self._send(conn, note_message(ks.key, item[2]))
+            if seq <= ks.seq:
+                return
+            ks.seq = seq
+        await self._send(conn, item[3])
 
     # --- the app ----------------------------------------------------------------------------
 
@@ -350,10 +400,13 @@ class Public:
                     raise
                 if result is Presence.ABSENT:
                     outcomes["not_found"].inc()
+                    await self.hold_unknown()
                     return json_error(404, NOT_FOUND)
                 assert isinstance(result, Claimed)
             except AnonTicketError as exc:
                 outcomes[_outcome(exc)].inc()
+                if isinstance(exc, NotFound):
+                    await self.hold_unknown()
                 return error_response(exc)
             outcomes[result.status.value].inc()
             return json_response({"status": result.status.value,
@@ -369,6 +422,8 @@ class Public:
                 info = await storage.ask(LookupToken(tok), timeout)
             except AnonTicketError as exc:
                 token_counter.labels("token", _outcome(exc)).inc()
+                if isinstance(exc, NotFound):
+                    await self.hold_unknown()
                 return error_response(exc)
             token_counter.labels("token", "ok").inc()
             return json_response({
@@ -388,13 +443,21 @@ class Public:
                 return None
             return status
 
+        async def storage_health() -> dict[str, Any]:
+            try:
+                health: dict[str, Any] = await storage.ask(StorageHealth(), 1.0)
+            except AnonTicketError as exc:
+                return {"writable": None, "error": str(exc)}
+            return health
+
         @app.get("/api/v1/info")
         async def info() -> Response:
             primary, network = cfg.primary_address, cfg.network
             if primary is None:
                 status = await chain_status()
                 primary = status["primary_address"] if status else None
-                network = network_of(primary) if primary else None
+                if network is None and primary:
+                    network = network_of(primary)
             return json_response({
                 "network": network,
                 "primary_address": primary,
@@ -402,6 +465,12 @@ class Public:
                 "min_payment_amount": cfg.min_payment_amount,
                 "version": __version__,
             })
+
+        openapi_document = openapi.document_bytes()  # read once, served as checked in
+
+        @app.get(openapi.PATH)
+        async def openapi_json() -> Response:
+            return Response(openapi_document, content_type="application/json")
 
         @app.websocket("/api/v1/watch")
         async def watch() -> None:
@@ -416,15 +485,38 @@ class Public:
             if not all(actors.values()):
                 return json_response({"status": "unavailable", "actors": actors}, 503,
                                      {"Retry-After": "1"})
-            body: dict[str, Any] = {"status": "ok", "actors": actors}
+            # Storage answers from memory (it probes with a tiny write only while its writes
+            # fail, at most once a second): one mailbox round trip, no SQL in the common case.
+            writes = await storage_health()
+            body: dict[str, Any] = {"status": "ok", "actors": actors, "storage": writes}
             if self.poller is not None:
                 chain = await chain_status()
                 body["chain"] = chain
                 if chain is None or chain["state"] != "ok":
                     body["status"] = "degraded"  # redemption of recorded payments still works
+            if writes["writable"] is False:  # no claim can commit: not healthy
+                body["status"] = "unavailable"
+                return json_response(body, 503, {"Retry-After": "5"})
+            if writes["writable"] is None:
+                body["status"] = "degraded"  # slow to answer: claims may still commit
             return json_response(body)
 
         return app
+
+
+def _only_cancelled(group: BaseExceptionGroup[BaseException]) -> trio.Cancelled | None:
+    """One of the `Cancelled` in `group` when it holds nothing else, else None."""
+    found: trio.Cancelled | None = None
+    todo: list[BaseException] = [group]
+    while todo:
+        exc = todo.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            todo.extend(exc.exceptions)
+        elif isinstance(exc, trio.Cancelled):
+            found = exc
+        else:
+            return None
+    return found
 
 
 def _outcome(exc: AnonTicketError) -> str:

@@ -276,6 +276,10 @@ async def _run(self: Any) -> None:
         self.idle_task.close()
         if policy is not None:
             policy.release(self)
+        # The connection is over: break its cycles (server <-> timer, server <-> protocol)
+        # so it is freed at once rather than by a full collection.
+        self.idle_task._server = None
+        self.protocol = None
 
 
 def _split(exc: BaseException) -> tuple[BaseException | None, BaseException | None]:
@@ -335,17 +339,20 @@ async def _read_data(self: Any) -> None:
 async def _protocol_send(self: Any, event: Any) -> None:
     """hypercorn's write is shielded from cancellation (a half-sent response would corrupt
     the stream) with no deadline: a client that never reads held the connection forever.
-    Now a write that does not finish within the write timeout ends the connection."""
+    Now a write that does not finish within the write timeout, or by its caller's deadline,
+    ends the connection (a half-written frame leaves nothing else to do)."""
     if not isinstance(event, RawData):
         await _tcp_protocol_send(self, event)
         return
     policy = policy_of(self.config)
     limit = policy.write_timeout if policy is not None else math.inf
+    # The caller's own deadline counts too (a websocket's send timeout): explicit cancels
+    # (quart-trio's, as a response ends) do not cut a response short, deadlines do.
+    deadline = min(trio.current_time() + limit, trio.current_effective_deadline())
     async with self.send_lock:
         broken = False
         try:
-            with trio.CancelScope(shield=True) as scope:
-                scope.relative_deadline = limit
+            with trio.CancelScope(shield=True, deadline=deadline) as scope:
                 await self.stream.send_all(event.data)
             broken = scope.cancelled_caught
         except (trio.BrokenResourceError, trio.ClosedResourceError):

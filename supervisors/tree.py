@@ -57,6 +57,8 @@ from supervisors.supervisor import Backoff, ChildSpec, Escalation, Runnable, Str
 
 log = get_logger("tree")
 
+DEV_NETWORK = "regtest"
+
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 
@@ -106,6 +108,9 @@ def build_tree(settings: Settings, secret: bytes, *,
             network = validate_primary(settings.primary_address)
         except InvalidAddress as exc:
             raise ConfigError([f"primary_address: {exc}"]) from None
+    if settings.dev_chain:
+        # A regtest wallet's addresses carry mainnet's prefixes: say what the chain is.
+        network = DEV_NETWORK
     mb = Mailboxes()
     metrics = Metrics()
     backoff = Backoff(settings.backoff_initial_secs, settings.backoff_max_secs)
@@ -145,6 +150,7 @@ def build_tree(settings: Settings, secret: bytes, *,
         keep_alive=settings.keep_alive_secs,
         read_timeout=settings.read_timeout_secs,
         write_timeout=settings.write_timeout_secs,
+        unknown_rate=settings.unknown_rate_per_sec,
     )
     internal_host, internal_port = settings.internal_bind or (None, None)
     internal_cfg = InternalConfig(
@@ -244,7 +250,7 @@ async def run_server(settings: Settings, **tree_options: Any) -> int:
         try:
             datadir.ensure()
             lock = datadir.lock()
-        except DataDirLocked as exc:
+        except (DataDirLocked, StorageError) as exc:  # held, or not writable (read-only)
             log.error("cannot start", error=str(exc))
             return EXIT_CONFIG
         try:

@@ -13,6 +13,7 @@ import trio
 
 from anon_ticket.domain.ids import PaymentId
 from anon_ticket.domain.tokens import derive_hmac
+from tests.actors.core import faulty_disk
 from tests.harness import running_server
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -146,6 +147,34 @@ async def test_info_and_health(tmp_path: Path) -> None:
         health = await srv.client.get("/healthz")
         assert health.status_code == 200 and health.json()["status"] == "degraded"
         assert health.json()["actors"] == {"storage": True, "filter": True}
+        assert health.json()["storage"] == {"writable": True, "error": None}
+
+
+async def test_healthz_is_503_naming_storage_while_no_write_commits(tmp_path: Path) -> None:
+    # A full disk: every claim answered 503, yet /healthz said 200 "degraded" (blaming the
+    # wallet). It must say storage cannot write, and why; and recover by itself once the
+    # disk has room, before any claim arrives.
+    with faulty_disk() as disk:
+        async with running_server(tmp_path) as srv:
+            pid = PaymentId.generate()
+            await srv.pay(pid)
+            assert (await srv.client.get("/healthz")).status_code == 200
+            disk.full = True
+            assert_json_error(await srv.redeem(pid.hex()), 503)
+            health = await srv.client.get("/healthz")
+            assert health.status_code == 503, health.text
+            assert health.headers["Retry-After"]
+            body = health.json()
+            assert body["status"] == "unavailable"
+            assert body["storage"] == {"writable": False, "error": "database or disk is full"}
+            assert body["actors"] == {"storage": True, "filter": True}
+            assert "chain" in body
+            disk.full = False
+            with trio.fail_after(10):  # no claim, no payment: health probes by itself
+                while (health := await srv.client.get("/healthz")).status_code != 200:
+                    await trio.sleep(0.05)
+            assert health.json()["storage"] == {"writable": True, "error": None}
+            assert (await srv.redeem(pid.hex())).json()["status"] == "success"
 
 
 async def test_200_concurrent_redeems_of_one_pid_give_exactly_one_success(

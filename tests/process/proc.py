@@ -80,11 +80,13 @@ class ServerProcess:
 
 def start_server(data_dir: Path, *, port: int | None = None, env: dict[str, str] | None = None,
                  args: tuple[str, ...] = (), wait: bool = True,
-                 nofile: tuple[int, int] | None = None) -> ServerProcess:
-    """`nofile`: the (soft, hard) descriptor limit the server starts with."""
+                 nofile: tuple[int, int] | None = None,
+                 log_dir: Path | None = None) -> ServerProcess:
+    """`nofile`: the (soft, hard) descriptor limit the server starts with; the log is written
+    to `log_dir` (default: beside the data directory)."""
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
-    log_path = data_dir.parent / f"server-{port}.log"
+    log_path = (log_dir or data_dir.parent) / f"server-{port}.log"
     full_env = {**os.environ, "MONERO_RPC_URL": UNUSED_WALLET, **(env or {})}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
