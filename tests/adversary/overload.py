@@ -13,9 +13,9 @@ wrk (Debian's) spraying from the other:
    (offered load far past capacity: the server's accept queue always holds more), with the
    same honest client beside it;
 once with answers about unknown ids never held (`--unknown-rate-per-sec 0`) and once held
-past a rate (the default), and reports the honest client's p50/p99 with and without the spray, its errors, the spray's
-served rate, and the server's memory before, at the peak and after. A benchmark, not a test:
-the numbers go in the README.
+past a rate (the default), and reports the honest client's p50/p99 with and without the
+spray, its errors, the spray's served rate, and the server's memory before, at the peak and
+after. A benchmark, not a test: the numbers go in the README.
 """
 
 from __future__ import annotations
