@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from anon_ticket.datadir import DB_FILE_NAME, INTERNAL_SOCKET_NAME
@@ -337,119 +337,6 @@ class Settings:
         return out
 
 
-# --- what each setting is called where ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Spec:
-    name: str
-    help: str
-    original_env: tuple[str, ...] = ()
-    default_text: str | None = None
-    boolean: bool = False
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    @property
-    def env(self) -> str:
-        return ENV_PREFIX + self.name.upper()
-
-    @property
-    def env_names(self) -> tuple[str, ...]:
-        return (self.env, *(e for e in self.original_env if e != self.env))
-
-
-_SPECS: tuple[_Spec, ...] = (
-    _Spec("data_dir", "data directory: database, token secret, sockets, lock", (), "./data"),
-    _Spec(
-        "database_url",
-        "sqlite:///abs/path or sqlite://rel/path (optional ?mode=rwc)",
-        ("DATABASE_URL",),
-        "<data-dir>/anon-ticket.db",
-    ),
-    _Spec("bind_address", "public listener host:port", ("API_BIND_ADDRESS",)),
-    _Spec(
-        "unix_socket", "public listener on this unix socket instead of TCP", ("API_UNIX_SOCKET",)
-    ),
-    _Spec(
-        "internal_unix_socket",
-        "internal API unix socket",
-        ("API_INTERNAL_UNIX_SOCKET",),
-        "<data-dir>/internal.sock",
-    ),
-    _Spec(
-        "internal_bind_address",
-        "internal API on TCP host:port instead (non-loopback needs --internal-token)",
-        ("API_INTERNAL_BIND_ADDRESS",),
-    ),
-    _Spec("internal_token", "bearer token for the internal API (secret, >= 16 chars; prefer env)"),
-    _Spec("log_filter", "log filter like info or warn,anon_ticket=debug", ("API_LOG_FILTER",)),
-    _Spec("log_format", "log format: text or json"),
-    _Spec(
-        "monero_rpc_url", "monero-wallet-rpc URL, like http://127.0.0.1:18082", ("MONERO_RPC_URL",)
-    ),
-    _Spec("monero_rpc_login", "wallet-rpc --rpc-login user:password (secret; prefer env)"),
-    _Spec("primary_address", "expected primary address of the wallet"),
-    _Spec("dev_chain", "run a private regtest chain (monerod + wallet-rpc)", boolean=True),
-    _Spec("start_height", "first height to scan on a fresh database", ("MONITOR_START_HEIGHT",)),
-    _Spec(
-        "min_confirmations",
-        "confirmations before a payment is claimable (1..1000)",
-        ("MONITOR_MIN_CONFIRMATIONS",),
-    ),
-    _Spec(
-        "min_payment_amount",
-        "smallest transfer credited, in piconero",
-        ("MONITOR_MIN_PAYMENT_AMOUNT",),
-    ),
-    _Spec("poll_interval_secs", "wallet poll interval in seconds", ("MONITOR_POLL_INTERVAL_SECS",)),
-    _Spec("scan_window_blocks", "heights per get_transfers crediting window (1..100000)"),
-    _Spec("watch_send_timeout_secs",
-          "a websocket watcher that cannot take a message this long is closed (4008)"),
-    _Spec(
-        "rpc_timeout_secs",
-        "cap on every wallet-rpc call's timeout (default: per method, refresh 300 s)",
-        default_text="per method",
-    ),
-    _Spec(
-        "pid_bloom_entries",
-        "Bloom filter capacity (0 = no filter, needs --allow-no-bloom)",
-        ("API_PID_BLOOM_ENTRIES",),
-    ),
-    _Spec("pid_bloom_fp_rate", "Bloom filter false-positive rate", ("API_PID_BLOOM_FP_RATE",)),
-    _Spec(
-        "allow_no_bloom",
-        "allow running without a Bloom filter",
-        ("API_ALLOW_NO_BLOOM",),
-        boolean=True,
-    ),
-    _Spec(
-        "pid_cache_ttl_secs",
-        "claimed-PID cache TTL in seconds (0 = off)",
-        ("API_PID_CACHE_TTL_SECS",),
-    ),
-    _Spec("pid_cache_capacity", "claimed-PID cache capacity", ("API_PID_CACHE_CAPACITY",)),
-    _Spec("token_derivation", "token derivation for new claims: hmac or legacy"),
-    _Spec("max_body_bytes", "largest request body in bytes (256..1048576)"),
-    _Spec("max_connections", "public connections at once (16..1000000; lowered to fit the "
-          "descriptor limit): the oldest idle one makes room, else a new one gets 503"),
-    _Spec("keep_alive_secs", "an idle public connection is closed after this long"),
-    _Spec("read_timeout_secs", "a request's head, then its body, must arrive within this"),
-    _Spec("write_timeout_secs", "a response the client does not take within this ends "
-          "its connection"),
-    _Spec("unknown_rate_per_sec", "answers about unknown ids (404 redeem/token) and websocket "
-          "subscribes past this rate are held back up to 5 s (0 = never)"),
-    _Spec("request_timeout_secs", "deadline of every internal request in seconds"),
-    _Spec("batch_limit", "storage group-commit batch size (1..10000)"),
-    _Spec("grace_secs", "shutdown grace in seconds"),
-    _Spec("restart_intensity", "restarts allowed within restart_period_secs before escalating"),
-    _Spec("restart_period_secs", "window of restart_intensity, in seconds"),
-    _Spec("backoff_initial_secs", "first restart backoff in seconds"),
-    _Spec("backoff_max_secs", "largest restart backoff in seconds"),
-)
-_SPEC_BY_NAME: Mapping[str, _Spec] = MappingProxyType({s.name: s for s in _SPECS})
 
 
 # --- value parsers: object (str from CLI/env, native from TOML) → typed value -----------------
@@ -604,6 +491,172 @@ def _rpc_login(value: object) -> str:
     return s
 
 
+# --- what each setting is called where ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Spec:
+    name: str
+    help: str
+    original_env: tuple[str, ...] = ()
+    default_text: str | None = None
+    boolean: bool = False
+    # str from the CLI or the environment, native from TOML -> the typed value, or _Bad
+    parse: Callable[[object], Any] = field(kw_only=True)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def env_names(self) -> tuple[str, ...]:
+        return (self.env, *(e for e in self.original_env if e != self.env))
+
+
+_SPECS: tuple[_Spec, ...] = (
+    _Spec("data_dir",
+          "data directory: database, token secret, sockets, lock",
+          (), "./data", parse=_path),
+    _Spec("database_url",
+          "sqlite:///abs/path or sqlite://rel/path (optional ?mode=rwc)",
+          ("DATABASE_URL",), "<data-dir>/anon-ticket.db", parse=_database_url),
+    _Spec("bind_address",
+          "public listener host:port",
+          ("API_BIND_ADDRESS",), parse=_host_port),
+    _Spec("unix_socket",
+          "public listener on this unix socket instead of TCP",
+          ("API_UNIX_SOCKET",), parse=_path),
+    _Spec("internal_unix_socket",
+          "internal API unix socket",
+          ("API_INTERNAL_UNIX_SOCKET",), "<data-dir>/internal.sock", parse=_path),
+    _Spec("internal_bind_address",
+          "internal API on TCP host:port instead (non-loopback needs --internal-token)",
+          ("API_INTERNAL_BIND_ADDRESS",), parse=_host_port),
+    _Spec("internal_token",
+          "bearer token for the internal API (secret, >= 16 chars; prefer env)",
+          parse=_internal_token),
+    _Spec("log_filter",
+          "log filter like info or warn,anon_ticket=debug",
+          ("API_LOG_FILTER",), parse=_log_filter),
+    _Spec("log_format",
+          "log format: text or json",
+          parse=_log_format),
+    _Spec("monero_rpc_url",
+          "monero-wallet-rpc URL, like http://127.0.0.1:18082",
+          ("MONERO_RPC_URL",), parse=_monero_rpc_url),
+    _Spec("monero_rpc_login",
+          "wallet-rpc --rpc-login user:password (secret; prefer env)",
+          parse=_rpc_login),
+    _Spec("primary_address",
+          "expected primary address of the wallet",
+          parse=_text),
+    _Spec("dev_chain",
+          "run a private regtest chain (monerod + wallet-rpc)",
+          boolean=True, parse=_bool),
+    _Spec("start_height",
+          "first height to scan on a fresh database",
+          ("MONITOR_START_HEIGHT",), parse=_int(0)),
+    _Spec("min_confirmations",
+          "confirmations before a payment is claimable (1..1000)",
+          ("MONITOR_MIN_CONFIRMATIONS",), parse=_int(1, 1000)),
+    _Spec("min_payment_amount",
+          "smallest transfer credited, in piconero",
+          ("MONITOR_MIN_PAYMENT_AMOUNT",), parse=_int(1, 2**62)),
+    _Spec("poll_interval_secs",
+          "wallet poll interval in seconds",
+          ("MONITOR_POLL_INTERVAL_SECS",), parse=_float(0, lo_open=True)),
+    _Spec("scan_window_blocks",
+          "heights per get_transfers crediting window (1..100000)",
+          parse=_int(1, 100_000)),
+    _Spec("watch_send_timeout_secs",
+          "a websocket watcher that cannot take a message this long is closed (4008)",
+          parse=_float(0, lo_open=True)),
+    _Spec("rpc_timeout_secs",
+          "cap on every wallet-rpc call's timeout (default: refresh 300 s, get_transfers "
+          "60 s, get_height 10 s)",
+          default_text="per method", parse=_float(0, lo_open=True)),
+    _Spec("pid_bloom_entries",
+          "Bloom filter capacity (0 = no filter, needs --allow-no-bloom)",
+          ("API_PID_BLOOM_ENTRIES",), parse=_int(0)),
+    _Spec("pid_bloom_fp_rate",
+          "Bloom filter false-positive rate",
+          ("API_PID_BLOOM_FP_RATE",), parse=_float(0, lo_open=True, hi=1)),
+    _Spec("allow_no_bloom",
+          "allow running without a Bloom filter",
+          ("API_ALLOW_NO_BLOOM",), boolean=True, parse=_bool),
+    _Spec("pid_cache_ttl_secs",
+          "claimed-PID cache TTL in seconds (0 = off)",
+          ("API_PID_CACHE_TTL_SECS",), parse=_float(0, lo_open=False)),
+    _Spec("pid_cache_capacity",
+          "claimed-PID cache capacity",
+          ("API_PID_CACHE_CAPACITY",), parse=_int(0)),
+    _Spec("token_derivation",
+          "token derivation for new claims: hmac or legacy",
+          parse=_token_derivation),
+    _Spec("max_body_bytes",
+          "largest request body in bytes (256..1048576)",
+          parse=_int(256, 1_048_576)),
+    _Spec("max_connections",
+          "public connections at once (16..1000000; lowered to fit the descriptor limit): the "
+          "oldest idle one makes room, else a new one gets 503",
+          parse=_int(16, 1_000_000)),
+    _Spec("keep_alive_secs",
+          "an idle public connection is closed after this long",
+          parse=_float(0, lo_open=True, hi=3600)),
+    _Spec("read_timeout_secs",
+          "a request's head, then its body, must arrive within this",
+          parse=_float(0, lo_open=True, hi=600)),
+    _Spec("write_timeout_secs",
+          "a response the client does not take within this ends its connection",
+          parse=_float(0, lo_open=True, hi=600)),
+    _Spec("unknown_rate_per_sec",
+          "answers about unknown ids (404 redeem/token) and websocket subscribes past this rate "
+          "are held back up to 5 s (0 = never)",
+          parse=_float(0, lo_open=False)),
+    _Spec("request_timeout_secs",
+          "deadline of every internal request in seconds",
+          parse=_float(0, lo_open=True)),
+    _Spec("batch_limit",
+          "storage group-commit batch size (1..10000)",
+          parse=_int(1, 10_000)),
+    _Spec("grace_secs",
+          "shutdown grace in seconds",
+          parse=_float(0, lo_open=False)),
+    _Spec("restart_intensity",
+          "restarts allowed within restart_period_secs before escalating",
+          parse=_int(1)),
+    _Spec("restart_period_secs",
+          "window of restart_intensity, in seconds",
+          parse=_float(0, lo_open=True)),
+    _Spec("backoff_initial_secs",
+          "first restart backoff in seconds",
+          parse=_float(0, lo_open=True)),
+    _Spec("backoff_max_secs",
+          "largest restart backoff in seconds",
+          parse=_float(0, lo_open=True)),
+)
+_SPEC_BY_NAME: Mapping[str, _Spec] = MappingProxyType({s.name: s for s in _SPECS})
+
+
+def settings_table() -> str:
+    """The README's settings table, made from the one table above (a test holds the README
+    to it)."""
+    defaults = Settings()
+    rows = ["| flag (env `ANON_TICKET_…`, TOML key) | original's env | default | meaning |",
+            "|---|---|---|---|"]
+    for spec in _SPECS:
+        value = getattr(defaults, spec.name)
+        default = spec.default_text or ("—" if value is None else
+                                        str(value).lower() if spec.boolean else str(value))
+        original = ", ".join(f"`{e}`" for e in spec.original_env)
+        rows.append(f"| `{spec.flag}` | {original} | `{default}` | {spec.help} |")
+    return "\n".join(rows) + "\n"
+
+
 # --- loading ------------------------------------------------------------------------------------
 
 
@@ -708,68 +761,13 @@ def load_settings(
 
     src = _Sources(cli, env, toml, toml_label)
     d = Settings()
-    s = Settings(
-        data_dir=src.take("data_dir", _path, Path(os.path.abspath(d.data_dir))),
-        database_url=src.take("database_url", _database_url, d.database_url),
-        bind_address=src.take("bind_address", _host_port, d.bind_address),
-        unix_socket=src.take("unix_socket", _path, d.unix_socket),
-        internal_unix_socket=src.take("internal_unix_socket", _path, d.internal_unix_socket),
-        internal_bind_address=src.take(
-            "internal_bind_address", _host_port, d.internal_bind_address
-        ),
-        internal_token=src.take("internal_token", _internal_token, d.internal_token),
-        log_filter=src.take("log_filter", _log_filter, d.log_filter),
-        log_format=src.take("log_format", _log_format, d.log_format),
-        monero_rpc_url=src.take("monero_rpc_url", _monero_rpc_url, d.monero_rpc_url),
-        monero_rpc_login=src.take("monero_rpc_login", _rpc_login, d.monero_rpc_login),
-        primary_address=src.take("primary_address", _text, d.primary_address),
-        dev_chain=src.take("dev_chain", _bool, d.dev_chain),
-        start_height=src.take("start_height", _int(0), d.start_height),
-        min_confirmations=src.take("min_confirmations", _int(1, 1000), d.min_confirmations),
-        min_payment_amount=src.take("min_payment_amount", _int(1, 2**62), d.min_payment_amount),
-        poll_interval_secs=src.take(
-            "poll_interval_secs", _float(0, lo_open=True), d.poll_interval_secs
-        ),
-        scan_window_blocks=src.take("scan_window_blocks", _int(1, 100_000),
-                                    d.scan_window_blocks),
-        watch_send_timeout_secs=src.take("watch_send_timeout_secs", _float(0, lo_open=True),
-                                         d.watch_send_timeout_secs),
-        rpc_timeout_secs=src.take("rpc_timeout_secs", _float(0, lo_open=True),
-                                  d.rpc_timeout_secs),
-        pid_bloom_entries=src.take("pid_bloom_entries", _int(0), d.pid_bloom_entries),
-        pid_bloom_fp_rate=src.take(
-            "pid_bloom_fp_rate", _float(0, lo_open=True, hi=1), d.pid_bloom_fp_rate
-        ),
-        allow_no_bloom=src.take("allow_no_bloom", _bool, d.allow_no_bloom),
-        pid_cache_ttl_secs=src.take(
-            "pid_cache_ttl_secs", _float(0, lo_open=False), d.pid_cache_ttl_secs
-        ),
-        pid_cache_capacity=src.take("pid_cache_capacity", _int(0), d.pid_cache_capacity),
-        token_derivation=src.take("token_derivation", _token_derivation, d.token_derivation),
-        max_body_bytes=src.take("max_body_bytes", _int(256, 1_048_576), d.max_body_bytes),
-        max_connections=src.take("max_connections", _int(16, 1_000_000), d.max_connections),
-        keep_alive_secs=src.take("keep_alive_secs", _float(0, lo_open=True, hi=3600),
-                                 d.keep_alive_secs),
-        read_timeout_secs=src.take("read_timeout_secs", _float(0, lo_open=True, hi=600),
-                                   d.read_timeout_secs),
-        write_timeout_secs=src.take("write_timeout_secs", _float(0, lo_open=True, hi=600),
-                                    d.write_timeout_secs),
-        unknown_rate_per_sec=src.take("unknown_rate_per_sec", _float(0, lo_open=False),
-                                      d.unknown_rate_per_sec),
-        request_timeout_secs=src.take(
-            "request_timeout_secs", _float(0, lo_open=True), d.request_timeout_secs
-        ),
-        batch_limit=src.take("batch_limit", _int(1, 10_000), d.batch_limit),
-        grace_secs=src.take("grace_secs", _float(0, lo_open=False), d.grace_secs),
-        restart_intensity=src.take("restart_intensity", _int(1), d.restart_intensity),
-        restart_period_secs=src.take(
-            "restart_period_secs", _float(0, lo_open=True), d.restart_period_secs
-        ),
-        backoff_initial_secs=src.take(
-            "backoff_initial_secs", _float(0, lo_open=True), d.backoff_initial_secs
-        ),
-        backoff_max_secs=src.take("backoff_max_secs", _float(0, lo_open=True), d.backoff_max_secs),
-    )
+    values: dict[str, Any] = {}
+    for spec in _SPECS:
+        default = getattr(d, spec.name)
+        if spec.name == "data_dir":
+            default = Path(os.path.abspath(default))
+        values[spec.name] = src.take(spec.name, spec.parse, default)
+    s = Settings(**values)
     problems.extend(src.problems)
     problems.extend(_cross_checks(s, src))
     if problems:

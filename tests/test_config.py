@@ -671,3 +671,11 @@ def test_flag_problem_uses_flag_name() -> None:
     assert len(problems) == 2
     assert problems[0].startswith("--bind-address: ")
     assert problems[1].startswith("--max-body-bytes: ")
+
+
+def test_the_readme_settings_table_is_the_settings_table() -> None:
+    # Every setting is declared once (anon_ticket/config.py `_SPECS`); the README's table is
+    # made from it and must not drift from it.
+    from anon_ticket.config import settings_table
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert settings_table() in readme
