@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from anon_ticket import __version__, logs
+from anon_ticket import __version__, logs, preflight
 from anon_ticket.bench import add_bench_parser, run_bench
 from anon_ticket.client import add_client_parsers, run_client
 from anon_ticket.config import Settings, add_setting_flags, cli_values, load_settings
@@ -152,6 +152,11 @@ def _serve(settings: Settings) -> int:
         print("anon-ticket: serve needs a chain: set MONERO_RPC_URL (a monero-wallet-rpc "
               "URL, e.g. http://127.0.0.1:18083/json_rpc), or run a private regtest chain "
               "with: anon-ticket --dev-chain serve", file=sys.stderr)
+        return EXIT_USAGE
+    found = preflight.problems(settings)
+    if found:
+        for problem in found:
+            print(f"anon-ticket: {problem}", file=sys.stderr)
         return EXIT_USAGE
     code = trio.run(run_server, settings)
     # The process ends here: the interpreter's closing collections need not walk a heap that
