@@ -1,4 +1,4 @@
-"""Settings (DESIGN §6): CLI flag > environment > TOML file > default.
+"""Settings (README "Settings"): CLI flag > environment > TOML file > default.
 
 Naming: field `x_y` ↔ flag `--x-y` ↔ env `ANON_TICKET_X_Y` ↔ TOML key `x_y`; the original's
 environment names (`DATABASE_URL`, `API_BIND_ADDRESS`, `MONITOR_MIN_CONFIRMATIONS`, ...) are

@@ -1,4 +1,4 @@
-"""`db import-legacy`: the original's database comes over exactly once (DESIGN §8, I1, I5)."""
+"""`db import-legacy`: the original's database comes over exactly once (docs/architecture.md §7, I1, I5)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from anon_ticket.errors import StorageError
 from anon_ticket.legacy import import_legacy
 from anon_ticket.schema import migrate
 
-# Exactly the DDL of DESIGN §8 (as SeaORM emits it).
+# Exactly the DDL of docs/architecture.md §7 (as SeaORM emits it).
 LEGACY_DDL = """
 CREATE TABLE payments (pid BLOB(8) PRIMARY KEY NOT NULL, txid VARCHAR(64) NOT NULL,
   amount BIGINT NOT NULL, block_height BIGINT NOT NULL, status TINYINT NOT NULL,
@@ -60,7 +60,7 @@ AMOUNTS = {pid: 10_000_000_000 * (i + 1) for i, pid in enumerate(VALID_HEIGHTS)}
 
 
 def legacy_token(pid: bytes, tx: str) -> bytes:
-    """The DESIGN §4 legacy function, written out: SHA3-256(lowercase_hex(pid) + "|" + txid)."""
+    """The docs/architecture.md §6 legacy function, written out: SHA3-256(lowercase_hex(pid) + "|" + txid)."""
     return hashlib.sha3_256(f"{pid.hex()}|{tx}".encode()).digest()
 
 
