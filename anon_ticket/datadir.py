@@ -1,4 +1,5 @@
-"""The data directory: one process at a time (docs/architecture.md §2), the token secret, default paths.
+"""The data directory: one process at a time (docs/architecture.md §2), the token secret,
+default paths.
 
 The lock is an `flock` on `<dir>/anon-ticket.lock`: the kernel drops it when the holder dies,
 even on kill -9, so a stale lock file never blocks a restart. The file itself is never removed

@@ -1,4 +1,5 @@
-"""`db import-legacy`: bring the original anon-ticket's SQLite database over (docs/architecture.md §7).
+"""`db import-legacy`: bring the original anon-ticket's SQLite database over
+(docs/architecture.md §7).
 
 Offline operator command: synchronous stdlib `sqlite3`, one transaction on our database.
 The caller (CLI) holds the data-directory lock; this module does not look at it.

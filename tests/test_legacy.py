@@ -1,4 +1,5 @@
-"""`db import-legacy`: the original's database comes over exactly once (docs/architecture.md §7, I1, I5)."""
+"""`db import-legacy`: the original's database comes over exactly once
+(docs/architecture.md §7, I1, I5)."""
 
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ AMOUNTS = {pid: 10_000_000_000 * (i + 1) for i, pid in enumerate(VALID_HEIGHTS)}
 
 
 def legacy_token(pid: bytes, tx: str) -> bytes:
-    """The docs/architecture.md §6 legacy function, written out: SHA3-256(lowercase_hex(pid) + "|" + txid)."""
+    """The legacy derivation (docs/architecture.md §6), written out:
+    SHA3-256(lowercase_hex(pid) + "|" + txid)."""
     return hashlib.sha3_256(f"{pid.hex()}|{tx}".encode()).digest()
 
 
