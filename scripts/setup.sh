@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what anon-ticket needs on a fresh Debian 12 machine: the Debian `monero` package
-# (monerod + monero-wallet-rpc, for the local regtest chain), `wrk` (for the benchmark) and a
-# virtualenv in .venv with the project and, with --test, its test tools. Idempotent: a second
-# run only checks.
+# (monerod + monero-wallet-rpc, for the local regtest chain), `wrk` (for the benchmark), with
+# --test `prometheus` (for `promtool`, which checks config/prometheus/; on a machine run by
+# systemd, Debian starts prometheus.service too) and a virtualenv in .venv with the project
+# and, with --test, its test tools. Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 WITH_TEST=0
@@ -12,13 +13,22 @@ for a in "$@"; do case "$a" in --test) WITH_TEST=1;; *) echo "setup.sh: unknown 
 missing=()
 command -v monerod >/dev/null && command -v monero-wallet-rpc >/dev/null || missing+=(monero)
 command -v wrk >/dev/null || missing+=(wrk)
-if [ "${#missing[@]}" -gt 0 ]; then
+# promtool (Debian's `prometheus` package) checks the alert rules in tests/test_operator_files.py;
+# without its recommends (prometheus-node-exporter), which the tests do not need.
+bare=()
+[ "$WITH_TEST" = 0 ] || command -v promtool >/dev/null || bare+=(prometheus)
+all=("${missing[@]}" "${bare[@]}")
+if [ "${#all[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "setup: installing Debian packages: ${missing[*]}" >&2
+    echo "setup: installing Debian packages: ${all[*]}" >&2
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    [ "${#missing[@]}" = 0 ] ||
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    [ "${#bare[@]}" = 0 ] ||
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${bare[@]}" >/dev/null
   else
-    echo "setup: missing ${missing[*]}; install with: sudo apt-get install ${missing[*]}" >&2
+    echo "setup: missing ${all[*]}; install with: sudo apt-get install ${all[*]}" >&2
   fi
 fi
 
