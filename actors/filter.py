@@ -18,13 +18,14 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import apsw
 import trio
 
 from anon_ticket.domain.bloom import BloomFilter
+from anon_ticket.domain.commands import Figures, FilterStats
 from anon_ticket.domain.ids import PaymentId, ServiceToken
+from anon_ticket.domain.inboxes import FilterMsg, HubMsg, StorageMsg
 from anon_ticket.domain.messages import (
     AddPids,
     CacheClaim,
@@ -32,7 +33,6 @@ from anon_ticket.domain.messages import (
     Claimed,
     ClaimStatus,
     Committed,
-    FilterStats,
     Invalidate,
     Lookup,
     Presence,
@@ -43,7 +43,7 @@ from anon_ticket.domain.messages import (
 from anon_ticket.errors import AnonTicketError, Unavailable
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
-from supervisors.mailbox import Envelope, Mailbox
+from mailboxes import Dispatch, Envelope, Mailbox
 
 log = get_logger("filter")
 
@@ -78,8 +78,8 @@ def build_bloom(config: FilterConfig, seed: int) -> BloomFilter:
 class Filter:
     name = "filter"
 
-    def __init__(self, config: FilterConfig, mailbox: Mailbox[Any], metrics: Metrics,
-                 storage: Mailbox[Any], hub: Mailbox[Any] | None = None) -> None:
+    def __init__(self, config: FilterConfig, mailbox: Mailbox[FilterMsg], metrics: Metrics,
+                 storage: Mailbox[StorageMsg], hub: Mailbox[HubMsg] | None = None) -> None:
         self.config = config
         self.mailbox = mailbox
         self.hub = hub
@@ -107,14 +107,13 @@ class Filter:
         else:
             log.warning("no bloom filter: every redeem of an unknown id reaches storage")
         task_status.started()
-        handlers = {
+        await self.mailbox.serve(Dispatch(self.name, {
             Redeem: self._redeem,
             Lookup: self._lookup,
             AddPids: self._add,
             Committed: self._committed,
             FilterStats: self._stats,
-        }
-        await self.mailbox.serve(lambda env: handlers[type(env.msg)](env))
+        }))
 
     def _answer(self, pid: PaymentId) -> Presence | Claimed:
         key = pid.raw
@@ -131,11 +130,11 @@ class Filter:
         self._hint_maybe.inc()
         return Presence.MAYBE
 
-    def _lookup(self, env: Envelope[Any]) -> None:
+    def _lookup(self, env: Envelope[Lookup]) -> None:
         env.reply(self._answer(env.msg.pid))
 
-    def _redeem(self, env: Envelope[Any]) -> None:
-        pid: PaymentId = env.msg.pid
+    def _redeem(self, env: Envelope[Redeem]) -> None:
+        pid = env.msg.pid
         answer = self._answer(pid)
         if answer is not Presence.MAYBE:
             env.reply(answer)
@@ -146,8 +145,9 @@ class Filter:
         else:
             self.storage.forward(Claim(pid), env)  # storage answers the requester
 
-    def _add(self, env: Envelope[Any]) -> None:
-        msg: AddPids = env.msg
+    def _add(self, env: Envelope[AddPids]) -> None:
+        """New ids into the Bloom filter, then the poller's answer, then the events (I8)."""
+        msg = env.msg
         if self.bloom is not None:
             if len(msg.pids) >= BULK_ADD:  # a catch-up's chunk: vectorized
                 self.bloom.add_many([pid.raw for pid in msg.pids])
@@ -159,15 +159,14 @@ class Filter:
         if msg.events:
             self._to_hub(msg.events)
 
-    def _committed(self, env: Envelope[Any]) -> None:
+    def _committed(self, env: Envelope[Committed]) -> None:
         """One storage transaction's effects, in order: cache fills and invalidations here,
         the events on to the hub in one message."""
         events: list[TicketEvent] = []
         for effect in env.msg.effects:
-            kind = type(effect)
-            if kind is CacheClaim:
+            if isinstance(effect, CacheClaim):
                 self._cache_claim(effect)
-            elif kind is Invalidate:
+            elif isinstance(effect, Invalidate):
                 for pid in effect.pids:
                     self._cache.pop(pid.raw, None)
             else:
@@ -194,9 +193,9 @@ class Filter:
         while len(cache) > self.config.cache_capacity:
             cache.popitem(last=False)
 
-    def _stats(self, env: Envelope[Any]) -> None:
+    def _stats(self, env: Envelope[FilterStats]) -> None:
         bloom = self.bloom
-        figures: dict[str, Any] = {
+        figures: Figures = {
             "enabled": bloom is not None,
             "configured_fp_rate": self.config.bloom_fp_rate,
             "cache_entries": len(self._cache),

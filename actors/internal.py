@@ -14,6 +14,7 @@ import hmac
 import os
 import re
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,24 +25,31 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from anon_ticket.backup import check_destination
-from anon_ticket.domain.ids import ServiceToken
-from anon_ticket.domain.messages import (
-    MAX_HEIGHT,
+from anon_ticket.domain.commands import (
     ActorState,
     Backup,
     Drain,
+    Figures,
     FilterStats,
-    ListSkipped,
     PausePoller,
     PollerStatus,
     RescanFrom,
     RestartActor,
     ResumePoller,
-    Revoke,
     Shutdown,
     StorageStats,
     TreeStatus,
 )
+from anon_ticket.domain.ids import ServiceToken
+from anon_ticket.domain.inboxes import (
+    FilterMsg,
+    HubMsg,
+    PollerMsg,
+    PublicMsg,
+    StorageMsg,
+    SupervisorMsg,
+)
+from anon_ticket.domain.messages import MAX_HEIGHT, ListSkipped, Revoke
 from anon_ticket.errors import AnonTicketError, InvalidInput, Unavailable
 from anon_ticket.fdlimit import INTERNAL_CONNECTIONS
 from anon_ticket.logs import get_logger
@@ -55,7 +63,7 @@ from anon_ticket.web import (
     read_json_object,
     serve_app,
 )
-from supervisors.mailbox import Mailbox
+from mailboxes import AnyMailbox, Mailbox
 
 log = get_logger("internal")
 
@@ -112,10 +120,12 @@ def state_json(s: ActorState) -> dict[str, Any]:
 class Internal:
     name = "internal"
 
-    def __init__(self, config: InternalConfig, *, storage: Mailbox[Any], filter_: Mailbox[Any],
-                 supervisor: Mailbox[Any], mailboxes: dict[str, Mailbox[Any]],
-                 metrics: Metrics, poller: Mailbox[Any] | None = None,
-                 public: Mailbox[Any] | None = None, hub: Mailbox[Any] | None = None) -> None:
+    def __init__(self, config: InternalConfig, *, storage: Mailbox[StorageMsg],
+                 filter_: Mailbox[FilterMsg], supervisor: Mailbox[SupervisorMsg],
+                 mailboxes: Mapping[str, AnyMailbox], metrics: Metrics,
+                 poller: Mailbox[PollerMsg] | None = None,
+                 public: Mailbox[PublicMsg] | None = None,
+                 hub: Mailbox[HubMsg] | None = None) -> None:
         self.poller = poller
         self.public = public
         self.hub = hub
@@ -203,7 +213,7 @@ class Internal:
                 stats = await self.storage.ask(StorageStats(), timeout)
             except AnonTicketError as exc:
                 stats = {"error": str(exc)}
-            chain: dict[str, Any] | None = None
+            chain: Figures | None = None
             if self.poller is not None:
                 try:
                     chain = await self.poller.ask(PollerStatus(), timeout)
@@ -212,7 +222,7 @@ class Internal:
             return json_response({"actors": [state_json(s) for s in tree], "storage": stats,
                                   "poller": chain})
 
-        def poller() -> Mailbox[Any]:
+        def poller() -> Mailbox[PollerMsg]:
             if self.poller is None:
                 raise InvalidInput("no poller runs in this process")
             return self.poller

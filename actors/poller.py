@@ -26,24 +26,27 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 import trio
 
+from anon_ticket.domain.commands import (
+    Figures,
+    PausePoller,
+    PollerStatus,
+    RescanFrom,
+    ResumePoller,
+)
 from anon_ticket.domain.ids import PaymentId
+from anon_ticket.domain.inboxes import HubMsg, PollerMsg, StorageMsg
 from anon_ticket.domain.messages import (
     MAX_HEIGHT,
     Confirmations,
     MarkVanished,
-    PausePoller,
     PaymentSeen,
-    PollerStatus,
     ReadCursor,
     RecentTransfers,
-    RecordedTransfer,
     RecordTransfers,
-    RescanFrom,
-    ResumePoller,
     SkippedTransfer,
     Transfer,
 )
@@ -62,7 +65,7 @@ from anon_ticket.errors import (
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
 from anon_ticket.walletrpc import WalletIdentity, WalletRpc
-from supervisors.mailbox import Envelope, Mailbox
+from mailboxes import Asks, Dispatch, Envelope, Mailbox
 
 log = get_logger("poller")
 
@@ -71,6 +74,8 @@ log = get_logger("poller")
 # COMMITs, each writing out pages all over the B-trees (256: 0.6x the ingestion rate).
 CHUNK_TRANSFERS = 1024
 SEEN_MEMORY = 10_000
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +133,8 @@ class Poller:
     name = "poller"
 
     def __init__(self, config: PollerConfig, wallet: Callable[[], WalletRpc],
-                 mailbox: Mailbox[Any], storage: Mailbox[Any], metrics: Metrics,
-                 events: Mailbox[Any] | None = None) -> None:
+                 mailbox: Mailbox[PollerMsg], storage: Mailbox[StorageMsg], metrics: Metrics,
+                 events: Mailbox[HubMsg] | None = None) -> None:
         self.config = config
         self.wallet = wallet()
         self.mailbox = mailbox
@@ -148,7 +153,7 @@ class Poller:
         self.failures = 0
         self._wake = trio.Event()
         # A rescan waiting for the loop: the new cursor and whom to answer once it is stored.
-        self._rescan: tuple[int, list[Envelope[Any]]] | None = None
+        self._rescan: tuple[int, list[Envelope[RescanFrom]]] | None = None
         self._tick_scope: trio.CancelScope | None = None
         self._seen: OrderedDict[str, int] = OrderedDict()
         self._rng = random.Random()
@@ -211,7 +216,7 @@ class Poller:
         (log.warning if self.failures < 3 else log.error)(
             "poll failed", source=source, error=str(exc), failures=self.failures)
 
-    async def _store(self, msg: object) -> Any:
+    async def _store(self, msg: Asks[StorageMsg, R]) -> R:
         """Ask storage; its failure is reported as storage's (NotFound is an answer)."""
         try:
             return await self.storage.ask(msg, self.config.request_timeout)
@@ -222,36 +227,48 @@ class Poller:
 
 
     async def _serve_commands(self) -> None:
-        env: Envelope[Any]
+        """One command at a time, in order (a rescan's check may ask storage meanwhile)."""
+        dispatch = Dispatch(self.name, {
+            PollerStatus: self._status,
+            PausePoller: self._pause,
+            ResumePoller: self._resume,
+            RescanFrom: self._rescan_from,
+        })
         async for env in self.mailbox.inbox:
-            msg = env.msg
-            if isinstance(msg, PollerStatus):
-                env.reply(self.status())
-            elif isinstance(msg, PausePoller):
-                self.paused = True
-                log.info("audit: poller paused")
-                env.reply(self.status())
-            elif isinstance(msg, ResumePoller):
-                self.paused = False
-                log.info("audit: poller resumed")
-                self._wake.set()
-                env.reply(self.status())
-            elif isinstance(msg, RescanFrom):
-                try:
-                    await self._check_rescan(msg.height)
-                except _StorageFailed as exc:
-                    env.fail(exc.error)
-                    continue
-                except AnonTicketError as exc:
-                    env.fail(exc)
-                    continue
-                waiting = self._rescan[1] if self._rescan is not None else []
-                self._rescan = (max(0, msg.height - 1), [*waiting, env])
-                if self._tick_scope is not None:
-                    self._tick_scope.cancel()  # its window's cursor must not overwrite ours
-                self._wake.set()
-            else:
-                env.fail(InvalidInput(f"invalid request: the poller does not take {msg!r}"))
+            pending = dispatch(env)
+            if pending is not None:
+                await pending
+
+    async def _status(self, env: Envelope[PollerStatus]) -> None:
+        env.reply(self.status())
+
+    async def _pause(self, env: Envelope[PausePoller]) -> None:
+        self.paused = True
+        log.info("audit: poller paused")
+        env.reply(self.status())
+
+    async def _resume(self, env: Envelope[ResumePoller]) -> None:
+        self.paused = False
+        log.info("audit: poller resumed")
+        self._wake.set()
+        env.reply(self.status())
+
+    async def _rescan_from(self, env: Envelope[RescanFrom]) -> None:
+        """Checked here, applied by the polling loop between ticks (`_apply_rescan`)."""
+        height = env.msg.height
+        try:
+            await self._check_rescan(height)
+        except _StorageFailed as exc:
+            env.fail(exc.error)
+            return
+        except AnonTicketError as exc:
+            env.fail(exc)
+            return
+        waiting = self._rescan[1] if self._rescan is not None else []
+        self._rescan = (max(0, height - 1), [*waiting, env])
+        if self._tick_scope is not None:
+            self._tick_scope.cancel()  # its window's cursor must not overwrite ours
+        self._wake.set()
 
     async def _check_rescan(self, height: object) -> None:
         """A height above the wallet's would skip the blocks below it once they come; going
@@ -288,7 +305,7 @@ class Poller:
         for env in waiting:
             env.reply(status)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Figures:
         lag = None
         if self.wallet_height is not None and self.cursor is not None:
             lag = max(0, self._safe_height(self.wallet_height) - self.cursor)
@@ -418,7 +435,7 @@ class Poller:
                 if isinstance(result, Transfer):
                     deep.append(result)
             self._announce(seen.pid, seen.txid, seen.amount, seen.height, confirmations)
-        recorded: tuple[RecordedTransfer, ...] = await self._store(RecentTransfers(low))
+        recorded = await self._store(RecentTransfers(low))
         known = {(r.txid, r.pid.raw): r.height for r in recorded}
         again = [t for t in deep if known.get((t.txid, t.pid.raw)) != t.height]
         if again:
@@ -452,7 +469,7 @@ class Poller:
         if 0 < confirmations <= required and previous != confirmations:
             self._emit(Confirmations(pid, txid, confirmations, required))
 
-    def _emit(self, event: object) -> None:
+    def _emit(self, event: PaymentSeen | Confirmations) -> None:
         if self.events is None:
             return
         try:

@@ -18,20 +18,17 @@ import trio
 from quart import Response, request, websocket
 from quart_trio import QuartTrio
 
-from actors.hub import Drop, Replay, Subscribe, Unsubscribe, Watcher
 from anon_ticket import __version__, openapi
 from anon_ticket.domain.address import network_of
+from anon_ticket.domain.commands import Drain, Figures, PollerStatus, StorageHealth
 from anon_ticket.domain.ids import PaymentId, ServiceToken
+from anon_ticket.domain.inboxes import FilterMsg, HubMsg, PollerMsg, PublicMsg, StorageMsg
 from anon_ticket.domain.messages import (
     Claimed,
-    Drain,
     LookupToken,
-    PollerStatus,
     Presence,
     ReadTicketState,
     Redeem,
-    StorageHealth,
-    TicketState,
 )
 from anon_ticket.domain.ratelimit import TokenBucket
 from anon_ticket.domain.watch import (
@@ -39,8 +36,16 @@ from anon_ticket.domain.watch import (
     MAX_SUBSCRIPTIONS,
     SLOW_CONSUMER,
     TRY_AGAIN_LATER,
+    Drop,
     Key,
+    Replay,
+    Subscribe,
+    Unsubscribe,
+    WatchEvent,
+    WatchItem,
+    WatchReady,
     WatchRequest,
+    WatchText,
     encode,
     error_message,
     event_message,
@@ -61,13 +66,13 @@ from anon_ticket.web import (
     read_json_object,
     serve_app,
 )
-from supervisors.mailbox import Envelope, Mailbox
+from mailboxes import Dispatch, Envelope, Mailbox, Outbox
 
 log = get_logger("public")
 
 NOT_FOUND = "payment not found"
 MAX_HOLD_SECS = 5.0  # the longest an answer about an unknown id is held back
-PONG = encode({"type": "pong"})
+PONG = WatchText(encode({"type": "pong"}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,13 +101,13 @@ class PublicConfig:
 class _KeyState:
     key: Key
     seq: int | None = None  # None until the state (or replay) is sent
-    pending: list[tuple[Any, ...]] | None = None  # events that came before it (rarely any)
+    pending: list[WatchEvent] | None = None  # events that came before it (rarely any)
 
 
 @dataclass(eq=False, slots=True)
 class _WatchConnection:
     ws: Any
-    watcher: Watcher
+    watcher: Outbox[WatchItem]  # what the reader and the hub queue for the writer
     subs: dict[bytes, _KeyState] = field(default_factory=dict)
     close: tuple[int, str] | None = None
 
@@ -110,9 +115,10 @@ class _WatchConnection:
 class Public:
     name = "public"
 
-    def __init__(self, config: PublicConfig, storage: Mailbox[Any], filter_: Mailbox[Any],
-                 metrics: Metrics, poller: Mailbox[Any] | None = None,
-                 hub: Mailbox[Any] | None = None, mailbox: Mailbox[Any] | None = None) -> None:
+    def __init__(self, config: PublicConfig, storage: Mailbox[StorageMsg],
+                 filter_: Mailbox[FilterMsg], metrics: Metrics,
+                 poller: Mailbox[PollerMsg] | None = None, hub: Mailbox[HubMsg] | None = None,
+                 mailbox: Mailbox[PublicMsg] | None = None) -> None:
         self.config = config
         self.storage = storage
         self.filter = filter_
@@ -165,11 +171,11 @@ class Public:
 
     async def _serve_commands(self) -> None:
         assert self.mailbox is not None
-        env: Envelope[Any]
-        async for env in self.mailbox.inbox:
-            if isinstance(env.msg, Drain):
-                self.drain(env.msg.reason)
-                env.reply({"draining": True, "watchers_closing": len(self._connections)})
+        await self.mailbox.serve(Dispatch(self.name, {Drain: self._drain_command}))
+
+    def _drain_command(self, env: Envelope[Drain]) -> None:
+        self.drain(env.msg.reason)
+        env.reply({"draining": True, "watchers_closing": len(self._connections)})
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
@@ -212,7 +218,7 @@ class Public:
         if len(self._connections) >= self.config.max_watchers:
             await ws.close(TRY_AGAIN_LATER, "too many connections")
             return
-        watcher = Watcher()
+        watcher: Outbox[WatchItem] = Outbox()
         conn = _WatchConnection(ws, watcher)
         if not self._connections:
             self._no_watchers = trio.Event()
@@ -266,7 +272,7 @@ class Public:
             conn.watcher.mark_slow()
 
     @staticmethod
-    def _push(conn: _WatchConnection, item: tuple[Any, ...]) -> None:
+    def _push(conn: _WatchConnection, item: WatchItem) -> None:
         """Queue an answer of the reader's for the writer; a full queue is a slow consumer."""
         if not conn.watcher.put(item):
             conn.watcher.mark_slow()
@@ -277,7 +283,7 @@ class Public:
             try:
                 req = parse_request(text)
                 if req.op == "ping":
-                    self._push(conn, ("text", PONG))
+                    self._push(conn, PONG)
                 elif req.op == "subscribe":
                     await self._subscribe(conn, req)
                 else:
@@ -287,11 +293,11 @@ class Public:
                         await self.hub.ask(Unsubscribe(conn.watcher, req.key.raw),
                                            self.config.request_timeout)
             except InvalidInput as exc:
-                self._push(conn, ("text", encode(error_message(str(exc)))))
+                self._push(conn, WatchText(encode(error_message(str(exc)))))
             except NotFound:
-                self._push(conn, ("text", encode(error_message(NOT_FOUND))))
+                self._push(conn, WatchText(encode(error_message(NOT_FOUND))))
             except Unavailable:
-                self._push(conn, ("text", encode(error_message(
+                self._push(conn, WatchText(encode(error_message(
                     "service temporarily unavailable"))))
 
     async def _subscribe(self, conn: _WatchConnection, req: WatchRequest) -> None:
@@ -309,8 +315,8 @@ class Public:
         conn.subs[raw] = _KeyState(key)
         try:
             await self.hub.ask(Subscribe(conn.watcher, raw), timeout)
-            state: TicketState = await self.storage.ask(
-                ReadTicketState(pid=key.pid, token=key.token), timeout)
+            state = await self.storage.ask(ReadTicketState(pid=key.pid, token=key.token),
+                                           timeout)
             replay = None
             resumable = (req.since is not None and req.epoch == state.epoch
                          and req.since <= state.seq)
@@ -326,31 +332,29 @@ class Public:
                 pass
             raise
         gap = req.since is not None and replay is None
-        self._push(conn, ("ready", raw, state, replay, gap))
+        self._push(conn, WatchReady(raw, state, replay, gap))
 
     async def _write_loop(self, conn: _WatchConnection) -> None:
         """Sends what the reader and the hub queued. The hub's events come encoded (once per
-        key for all its watchers): ("event", key, seq or None, text)."""
+        key for all its watchers)."""
         watcher = conn.watcher
         while True:
             item = await watcher.get()
-            kind = item[0]
-            if kind == "text":
-                await self._send(conn, item[1])
+            if isinstance(item, WatchText):
+                await self._send(conn, item.text)
                 continue
-            ks = conn.subs.get(item[1])
+            ks = conn.subs.get(item.key)
             if ks is None:
                 continue  # unsubscribed meanwhile
-            if kind == "ready":
-                _, _, state, replay, gap = item
-                if gap:
+            if isinstance(item, WatchReady):
+                if item.gap:
                     await self._send(conn, encode(gap_message(ks.key)))
-                if replay is not None:
-                    for event in replay:
+                if item.replay is not None:
+                    for event in item.replay:
                         await self._send(conn, encode(event_message(ks.key, event)))
                 else:
-                    await self._send(conn, encode(state_message(ks.key, state)))
-                ks.seq = state.seq
+                    await self._send(conn, encode(state_message(ks.key, item.state)))
+                ks.seq = item.state.seq
                 pending, ks.pending = ks.pending, None
                 for held in pending or ():
                     await self._forward(conn, ks, held)
@@ -361,15 +365,15 @@ class Public:
             else:
                 await self._forward(conn, ks, item)
 
-    async def _forward(self, conn: _WatchConnection, ks: _KeyState, item: tuple[Any, ...]
+    async def _forward(self, conn: _WatchConnection, ks: _KeyState, item: WatchEvent
                        ) -> None:
-        seq = item[2]
+        seq = item.seq
         if seq is not None:  # a committed fact: skip what the state or replay covered
             assert ks.seq is not None
             if seq <= ks.seq:
                 return
             ks.seq = seq
-        await self._send(conn, item[3])
+        await self._send(conn, item.text)
 
     # --- the app ----------------------------------------------------------------------------
 
@@ -394,7 +398,7 @@ class Public:
                     raise InvalidInput("invalid request: missing field `pid`")
                 pid = PaymentId.parse(data["pid"])
                 try:  # one wait: the filter answers, or storage does for it
-                    result: Claimed | Presence = await filter_.ask(Redeem(pid), timeout)
+                    result = await filter_.ask(Redeem(pid), timeout)
                 except NotFound:  # the Bloom filter said maybe; storage knows better
                     metrics.redeem_bloom_db_miss.inc()
                     raise
@@ -434,21 +438,19 @@ class Public:
                 "abuse_score": info.abuse_score,
             })
 
-        async def chain_status() -> dict[str, Any] | None:
+        async def chain_status() -> Figures | None:
             if self.poller is None:
                 return None
             try:
-                status: dict[str, Any] = await self.poller.ask(PollerStatus(), 1.0)
+                return await self.poller.ask(PollerStatus(), 1.0)
             except AnonTicketError:
                 return None
-            return status
 
-        async def storage_health() -> dict[str, Any]:
+        async def storage_health() -> Figures:
             try:
-                health: dict[str, Any] = await storage.ask(StorageHealth(), 1.0)
+                return await storage.ask(StorageHealth(), 1.0)
             except AnonTicketError as exc:
                 return {"writable": None, "error": str(exc)}
-            return health
 
         @app.get("/api/v1/info")
         async def info() -> Response:

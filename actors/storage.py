@@ -32,16 +32,17 @@ import trio
 
 from anon_ticket import backup
 from anon_ticket.datadir import create_private
+from anon_ticket.domain.commands import Backup, BackupDone, Figures, StorageHealth, StorageStats
 from anon_ticket.domain.ids import PaymentId, ServiceToken
+from anon_ticket.domain.inboxes import FilterMsg, StorageMsg
 from anon_ticket.domain.messages import (
     AddPids,
-    Backup,
-    BackupDone,
     CacheClaim,
     Claim,
     Claimed,
     ClaimStatus,
     Committed,
+    Effect,
     EventKind,
     Invalidate,
     ListSkipped,
@@ -56,8 +57,6 @@ from anon_ticket.domain.messages import (
     RecordTransfers,
     Revoke,
     SkippedRow,
-    StorageHealth,
-    StorageStats,
     TicketEvent,
     TicketState,
     TokenInfo,
@@ -75,7 +74,7 @@ from anon_ticket.errors import (
 )
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
-from supervisors.mailbox import Envelope, Failure, Mailbox
+from mailboxes import Dispatch, Envelope, Failure, Mailbox
 
 log = get_logger("storage")
 
@@ -165,7 +164,7 @@ class _Forward:
     msg: AddPids
 
 
-Effect = CacheClaim | Invalidate | Publish
+# A handler's answer (the reply, a Failure, or a _Forward) and what the filter must hear.
 Handled = tuple[object, tuple[Effect, ...]]
 
 
@@ -189,8 +188,8 @@ class Storage:
     def __init__(
         self,
         config: StorageConfig,
-        mailbox: Mailbox[Any],
-        filter_mailbox: Mailbox[Any],
+        mailbox: Mailbox[StorageMsg],
+        filter_mailbox: Mailbox[FilterMsg],
         metrics: Metrics,
         *,
         on_open: Callable[[apsw.Connection], None] | None = None,
@@ -214,6 +213,9 @@ class Storage:
             ListSkipped: self._list_skipped,
             StorageStats: self._stats,
         }
+        self._route = Dispatch(self.name, {})  # made by `run`, from the handlers then
+        self._batch: list[Envelope[StorageMsg]] = []  # the live requests of this batch
+        self._nursery: trio.Nursery | None = None
         self._kinds = {t: t.__name__.lower() for t in self._handlers}
         # Requests that write more than one statement run in a transaction of their own; a
         # single statement is atomic by itself (SQLite undoes a failed statement alone).
@@ -248,11 +250,19 @@ class Storage:
             self._on_open(conn)
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                # Requests for a transaction are queued for it; the others are answered, or
+                # started, as they arrive.
+                self._route = Dispatch(self.name, {
+                    **dict.fromkeys(self._handlers, self._queue),
+                    Backup: self._start_backup,
+                    StorageHealth: self._answer_health,
+                })
                 nursery.start_soon(self._checkpointer)
                 log.info("storage ready", db=self.config.db_path.name,
                          batch_limit=self.config.batch_limit)
                 task_status.started()
-                await self._serve(nursery)
+                await self._serve()
         finally:
             conn.close()
             self._conn = self._cur = None
@@ -260,7 +270,7 @@ class Storage:
                 self._checkpoints.close()
                 self._checkpoints = None
 
-    async def _serve(self, nursery: trio.Nursery) -> None:
+    async def _serve(self) -> None:
         inbox = self.mailbox.inbox
         limit = self.config.batch_limit
         while True:
@@ -271,7 +281,7 @@ class Storage:
                 except trio.WouldBlock:
                     break
             try:
-                for group in self._transactions(self._live(batch, nursery)):
+                for group in self._transactions(self._live(batch)):
                     effects = self._transaction(group)
                     if effects:  # before the next transaction: nothing committed is lost
                         await self._tell_filter(effects)
@@ -283,21 +293,30 @@ class Storage:
             if self._restart_due and trio.current_time() >= self._restart_after:
                 await self._restart_log()
 
-    def _live(self, batch: list[Envelope[Any]], nursery: trio.Nursery) -> list[Envelope[Any]]:
-        """The batch without requests past their deadline; backups start off the loop."""
+    def _live(self, batch: list[Envelope[StorageMsg]]) -> list[Envelope[StorageMsg]]:
+        """The batch without requests past their deadline, nor those answered (health, an
+        unknown message) or started (a backup, off the loop) as they arrive."""
         now = trio.current_time()
-        live: list[Envelope[Any]] = []
+        live: list[Envelope[StorageMsg]] = []
+        self._batch = live
+        route = self._route
         for env in batch:
             if env.expired(now):
                 self.metrics.expired_dropped.inc()
                 env.reply_to = None  # its sender has given up
-            elif isinstance(env.msg, Backup):
-                nursery.start_soon(self._backup, env)
-            elif type(env.msg) is StorageHealth:
-                env.reply(self._health())
             else:
-                live.append(env)
+                route(env)
         return live
+
+    def _queue(self, env: Envelope[StorageMsg]) -> None:
+        self._batch.append(env)
+
+    def _start_backup(self, env: Envelope[Backup]) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self._backup, env)
+
+    def _answer_health(self, env: Envelope[StorageHealth]) -> None:
+        env.reply(self._health())
 
     async def _tell_filter(self, effects: list[Effect]) -> None:
         committed = Committed(tuple(effects))
@@ -309,13 +328,14 @@ class Storage:
         else:
             await self.filter.tell_wait(committed)  # must not be lost
 
-    def _transactions(self, live: list[Envelope[Any]]) -> Iterator[list[Envelope[Any]]]:
+    def _transactions(self, live: list[Envelope[StorageMsg]]
+                      ) -> Iterator[list[Envelope[StorageMsg]]]:
         """The batch in order, as transactions: each request that writes more than one
         statement alone (so undoing it, should it fail halfway, is a ROLLBACK and not a
         savepoint, whose page copies made ingestion a third slower), every run of the others
         together (a single statement is atomic by itself: one failing sinks nothing else)."""
         multi = self._multi_write
-        group: list[Envelope[Any]] = []
+        group: list[Envelope[StorageMsg]] = []
         for env in live:
             if type(env.msg) in multi:
                 if group:
@@ -327,11 +347,11 @@ class Storage:
         if group:
             yield group
 
-    def _transaction(self, group: list[Envelope[Any]]) -> list[Effect]:
+    def _transaction(self, group: list[Envelope[StorageMsg]]) -> list[Effect]:
         conn = self._conn
         assert conn is not None
         started = time.perf_counter()
-        answers: list[tuple[Envelope[Any], object]] = []
+        answers: list[tuple[Envelope[StorageMsg], object]] = []
         effects: list[Effect] = []
         self._now = rfc3339(time.time())
         multi = self._multi_write
@@ -340,12 +360,8 @@ class Storage:
             with conn:  # one COMMIT for the whole group (BEGIN at the outermost level)
                 for env in group:
                     kind = type(env.msg)
-                    handler = self._handlers.get(kind)
-                    if handler is None:
-                        answers.append((env, Failure(StorageError(f"unknown {env.msg!r}"))))
-                        continue
                     try:
-                        answer, more = handler(env.msg)
+                        answer, more = self._handlers[kind](env.msg)
                     except AnonTicketError as exc:
                         answer, more = Failure(exc), ()
                     except apsw.Error as exc:
@@ -393,7 +409,7 @@ class Storage:
                 env.reply(answer)
         for kind, n in counts.items():
             counter = self._counters.get(kind)
-            if counter is not None:  # (not for a message without a handler)
+            if counter is not None:  # (not for a handler added after construction)
                 counter.inc(n)
         return effects
 
@@ -409,7 +425,7 @@ class Storage:
         log.info("storage writes again", after=self._write_error)
         self._write_error = None
 
-    def _health(self) -> dict[str, Any]:
+    def _health(self) -> Figures:
         """Whether writes work; while they failed, a tiny write transaction (rate-limited)
         tells whether they work again: no claim needs to arrive first."""
         now = trio.current_time()
@@ -533,7 +549,7 @@ class Storage:
         effects: tuple[Effect, ...] = (Invalidate(tuple(topped)),) if topped else ()
         if new_pids:
             # The filter adds the ids, then acknowledges, then hands the events to the hub.
-            return _Forward(AddPids(tuple(new_pids), ack=recorded, events=tuple(events))), effects
+            return _Forward(AddPids(tuple(new_pids), recorded, tuple(events))), effects
         if events:
             effects = (*effects, Publish(tuple(events)))
         return recorded, effects
@@ -608,8 +624,8 @@ class Storage:
 
     # --- off the loop -----------------------------------------------------------------------
 
-    async def _backup(self, env: Envelope[Any]) -> None:
-        msg: Backup = env.msg
+    async def _backup(self, env: Envelope[Backup]) -> None:
+        msg = env.msg
         try:
             result = await trio.to_thread.run_sync(
                 backup.write_backup, self.config.db_path, self.config.secret_path, Path(msg.path))

@@ -2,33 +2,42 @@
 
 Client mistakes are `InvalidInput` (HTTP 400) or `NotFound` (404); anything that is worth
 retrying is `Unavailable` (503 with Retry-After); configuration problems are `ConfigError`
-(exit 2). The HTTP mapping lives in `actors/public.py` alone.
+(exit 2). The root and the parsing errors are the domain's (anon_ticket/domain/errors.py);
+`Unavailable` and `Unhandled` are the mailbox layer's, subclassed here so that the mailbox
+raises ours (docs/architecture.md §2). The HTTP mapping is `anon_ticket.web.error_response`.
 """
 
 from __future__ import annotations
 
+import mailboxes
+from anon_ticket.domain.errors import (
+    AnonTicketError,
+    InvalidAddress,
+    InvalidInput,
+    InvalidPaymentId,
+    InvalidToken,
+)
 
-class AnonTicketError(Exception):
-    """Base of every error this project raises on purpose."""
-
-
-class InvalidInput(AnonTicketError):
-    """A client sent something malformed; the message is safe to show to that client."""
-
-
-class InvalidPaymentId(InvalidInput):
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"invalid payment id: {reason}")
-
-
-class InvalidToken(InvalidInput):
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"invalid token: {reason}")
-
-
-class InvalidAddress(InvalidInput):
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"invalid address: {reason}")
+__all__ = [
+    "AnonTicketError",
+    "BackupFailed",
+    "ConfigError",
+    "DataDirLocked",
+    "InvalidAddress",
+    "InvalidInput",
+    "InvalidPaymentId",
+    "InvalidToken",
+    "NotFound",
+    "RpcBusy",
+    "RpcCallError",
+    "RpcError",
+    "RpcProtocolError",
+    "RpcTimeout",
+    "RpcUnavailable",
+    "StorageError",
+    "Unavailable",
+    "Unhandled",
+]
 
 
 class BackupFailed(InvalidInput):
@@ -43,19 +52,24 @@ class NotFound(AnonTicketError):
     """The thing asked for does not exist (or is not claimable yet)."""
 
 
-class Unavailable(AnonTicketError):
+class Unavailable(AnonTicketError, mailboxes.Unavailable):
     """A transient condition: an actor restarting, a lost batch, a deadline, draining.
 
     The client should retry after `retry_after` seconds; nothing was done.
     """
 
-    def __init__(self, reason: str, retry_after: int = 1) -> None:
-        super().__init__(reason)
-        self.retry_after = retry_after
+
+class Unhandled(AnonTicketError, mailboxes.Unhandled):
+    """An actor got a request it has no handler for: a bug (500), never a client's doing."""
+
+
+mailboxes.raise_as(Unavailable, Unhandled)
 
 
 class ConfigError(AnonTicketError):
     """The configuration cannot be used; each problem is one line of the message."""
+
+    restartable = False  # restarting an actor cannot fix it: the supervisor lets it through
 
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))

@@ -3,12 +3,15 @@
 Transport and protocol failures are translated at this boundary into a small hierarchy
 (`RpcUnavailable`, `RpcTimeout`, `RpcProtocolError`, `RpcCallError`), each with a clear
 message; nothing above this module sees an httpx exception. Every method has its own timeout:
-`refresh` on a real wallet can take minutes, `get_height` should not.
+`refresh` on a real wallet can take minutes, `get_height` should not. Answers are read into
+typed records here (`get_transfers` entries: `WalletTransfer`); nothing above sees the JSON.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from anon_ticket.domain.transfers import WalletTransfer
 from anon_ticket.errors import (
     RpcBusy,
     RpcCallError,
@@ -173,7 +177,7 @@ class WalletRpc:
             raise
         return WalletIdentity(address, watch_only=False)
 
-    async def incoming(self, min_height: int, max_height: int) -> list[dict[str, Any]]:
+    async def incoming(self, min_height: int, max_height: int) -> list[WalletTransfer]:
         """Confirmed incoming transfers with min_height < height <= max_height (I5)."""
         result = await self.rpc.call("get_transfers", {
             "in": True, "filter_by_height": True,
@@ -181,7 +185,7 @@ class WalletRpc:
         })
         return _entries(result, "in")
 
-    async def pool_and_recent(self, min_height: int) -> list[dict[str, Any]]:
+    async def pool_and_recent(self, min_height: int) -> list[WalletTransfer]:
         """Pool entries and confirmed ones above `min_height` (announced, not claimable)."""
         result = await self.rpc.call("get_transfers", {
             "in": True, "pool": True, "filter_by_height": True,
@@ -199,11 +203,43 @@ class WalletRpc:
         return True
 
 
-def _entries(result: dict[str, Any], key: str) -> list[dict[str, Any]]:
+def _entries(result: dict[str, Any], key: str) -> list[WalletTransfer]:
     entries = result.get(key, [])  # wallet-rpc omits empty lists
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise RpcProtocolError(f"get_transfers.{key} is not a list of objects")
-    return entries
+    return [wallet_transfer(e) for e in entries]
 
 
-__all__ = ["JsonRpc", "RpcError", "WalletIdentity", "WalletRpc"]
+_HEX = frozenset("0123456789abcdef")
+
+
+def _count(value: object) -> int | None:
+    """An amount or a height: a non-negative integer (JSON true is not one)."""
+    return value if type(value) is int and value >= 0 else None
+
+
+def wallet_transfer(entry: dict[str, Any]) -> WalletTransfer:
+    """One `get_transfers` entry, typed; never raises, whatever the wallet sent (I7): what
+    it means is anon_ticket/domain/transfers.py's to decide."""
+    raw_txid = entry.get("txid")
+    txid = (bytes.fromhex(raw_txid) if isinstance(raw_txid, str) and len(raw_txid) == 64
+            and _HEX.issuperset(raw_txid.lower()) else None)
+    payment_id = entry.get("payment_id")
+    kind = entry.get("type")
+    amount, height = _count(entry.get("amount")), _count(entry.get("height"))
+    fingerprint = None
+    if txid is None or amount is None or height is None:
+        text = json.dumps(entry, sort_keys=True, default=str)
+        fingerprint = hashlib.sha3_256(text.encode()).digest()
+    return WalletTransfer(
+        txid=txid,
+        payment_id=payment_id if isinstance(payment_id, str) else None,
+        amount=amount,
+        height=height,
+        type=kind if isinstance(kind, str) else None,
+        time_locked=entry.get("unlock_time", 0) != 0,
+        fingerprint=fingerprint,
+    )
+
+
+__all__ = ["JsonRpc", "RpcError", "WalletIdentity", "WalletRpc", "wallet_transfer"]

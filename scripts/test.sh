@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh --test
-.venv/bin/ruff check anon_ticket actors supervisors tests
+.venv/bin/ruff check anon_ticket mailboxes actors supervisors tests
 .venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

@@ -10,6 +10,12 @@
   after it (they depend on it), stopping them first in reverse order.
 - A stop runs in reverse order: each child is asked to stop gracefully (its `stop` hook) and
   given `grace` seconds before it is cancelled.
+- An error whose class says restarting cannot fix it (`restartable = False`, as a
+  configuration error's does) is not restarted: it goes up through every supervisor.
+
+It knows no application message or error (docs/architecture.md §2): it reports its own
+`ChildState`, and a supervisor's command mailbox is served by whoever builds it (the tree
+answers the operator's commands with `status`, `restart_child` and `request_stop`).
 """
 
 from __future__ import annotations
@@ -20,14 +26,12 @@ import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import trio
 
-from anon_ticket.domain.messages import ActorState, RestartActor, Shutdown, TreeStatus
-from anon_ticket.errors import ConfigError, NotFound
 from anon_ticket.logs import get_logger
-from supervisors.mailbox import Envelope, Mailbox
+from mailboxes import AnyMailbox
 
 log = get_logger("supervisor")
 
@@ -48,8 +52,36 @@ class Escalation(Exception):
         self.child = child
 
 
+class NoSuchChild(LookupError):
+    """No child (nor grandchild) of that name."""
+
+
 class Runnable(Protocol):
     async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ChildState:
+    name: str
+    state: str
+    uptime_secs: float | None
+    restarts: int
+    last_error: str | None
+    mailbox_depth: int | None
+    children: tuple[ChildState, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Commands:
+    """A supervisor's command mailbox: it serves (`serve`, run in the supervisor's nursery)
+    once every child runs, and stops taking commands the moment a stop begins."""
+
+    mailbox: AnyMailbox
+    serve: Callable[[Supervisor], Awaitable[None]]
+
+
+def _fatal(exc: BaseException) -> bool:
+    return getattr(type(exc), "restartable", True) is False
 
 
 @dataclass
@@ -68,9 +100,9 @@ class ChildSpec:
 
     name: str
     factory: Callable[[], Runnable]
-    mailbox: Mailbox[Any] | None = None
+    mailbox: AnyMailbox | None = None  # serves while the child runs
     stop: Callable[[Runnable], Awaitable[None] | None] | None = None
-    status: Callable[[Runnable], tuple[ActorState, ...]] | None = None
+    status: Callable[[Runnable], tuple[ChildState, ...]] | None = None
 
 
 @dataclass
@@ -107,7 +139,7 @@ class Supervisor:
         period: float = 30.0,
         backoff: Backoff | None = None,
         grace: float = 10.0,
-        commands: Mailbox[Any] | None = None,
+        commands: Commands | None = None,
         rng: random.Random | None = None,
         on_restart: Callable[[str], None] | None = None,
     ) -> None:
@@ -132,13 +164,13 @@ class Supervisor:
             self.stop_reason = reason
             self._stop.set()
 
-    def status(self) -> tuple[ActorState, ...]:
+    def status(self) -> tuple[ChildState, ...]:
         now = trio.current_time()
         out = []
         for c in self._children:
             nested = c.spec.status(c.actor) if (c.spec.status and c.actor) else ()
             out.append(
-                ActorState(
+                ChildState(
                     name=c.spec.name,
                     state=c.state,
                     uptime_secs=(now - c.started_at) if c.started_at is not None else None,
@@ -161,7 +193,7 @@ class Supervisor:
             if isinstance(nested, Supervisor) and nested.has_child(name):
                 nested.restart_child(name)
                 return
-        raise NotFound(f"no actor named {name!r}")
+        raise NoSuchChild(f"no actor named {name!r}")
 
     def has_child(self, name: str) -> bool:
         return any(
@@ -178,35 +210,16 @@ class Supervisor:
                     break  # a stop during start-up: start nothing more
                 await nursery.start(self._keep, index, child)
             if self.commands is not None:
-                self.commands.serving = True
-                nursery.start_soon(self._serve_commands)
+                self.commands.mailbox.serving = True
+                nursery.start_soon(self.commands.serve, self)
             log.info("supervisor started", supervisor=self.name,
                      children=",".join(c.spec.name for c in self._children))
             task_status.started()
             await self._stop.wait()
             if self.commands is not None:
-                self.commands.serving = False
+                self.commands.mailbox.serving = False
             await self._stop_children(range(len(self._children)))
             nursery.cancel_scope.cancel()
-
-    async def _serve_commands(self) -> None:
-        assert self.commands is not None
-        env: Envelope[Any]
-        async for env in self.commands.inbox:
-            msg = env.msg
-            try:
-                if isinstance(msg, TreeStatus):
-                    env.reply(self.status())
-                elif isinstance(msg, RestartActor):
-                    self.restart_child(msg.name)
-                    log.info("audit: restart actor", actor=msg.name)
-                    env.reply(True)
-                elif isinstance(msg, Shutdown):
-                    log.info("audit: shutdown", reason=msg.reason)
-                    env.reply(True)
-                    self.request_stop(msg.reason)
-            except NotFound as exc:
-                env.fail(exc)
 
     async def _stop_children(self, indexes: range) -> None:
         """Stop children in reverse order: ask each to stop, give it grace, then cancel."""
@@ -269,11 +282,11 @@ class Supervisor:
                             await dep.running.wait()
                         held_dependents = []
             except Exception as exc:
-                # A configuration error is fatal: restarting cannot fix it (exit 2).
-                if isinstance(exc, ConfigError):
+                # An error restarting cannot fix (a configuration error: exit 2) goes up.
+                if _fatal(exc):
                     raise
                 if isinstance(exc, BaseExceptionGroup):
-                    fatal: BaseException | None = exc.subgroup(ConfigError)
+                    fatal: BaseException | None = exc.subgroup(_fatal)
                     if fatal is not None:
                         while isinstance(fatal, BaseExceptionGroup):
                             fatal = fatal.exceptions[0]

@@ -23,6 +23,7 @@ import gc
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import apsw
@@ -41,19 +42,39 @@ from anon_ticket.datadir import DataDir
 from anon_ticket.devchain import DevChain, plan_ports
 from anon_ticket.devcli import DEVCHAIN_DIR
 from anon_ticket.domain.address import validate_primary
+from anon_ticket.domain.commands import ActorState, RestartActor, Shutdown, TreeStatus
+from anon_ticket.domain.inboxes import (
+    FilterMsg,
+    HubMsg,
+    PollerMsg,
+    PublicMsg,
+    StorageMsg,
+    SupervisorMsg,
+)
 from anon_ticket.domain.tokens import Derivation
 from anon_ticket.errors import (
     AnonTicketError,
     ConfigError,
     DataDirLocked,
     InvalidAddress,
+    NotFound,
     StorageError,
 )
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
 from anon_ticket.walletrpc import JsonRpc, WalletRpc
-from supervisors.mailbox import Mailbox
-from supervisors.supervisor import Backoff, ChildSpec, Escalation, Runnable, Strategy, Supervisor
+from mailboxes import AnyMailbox, Dispatch, Envelope, Mailbox
+from supervisors.supervisor import (
+    Backoff,
+    ChildSpec,
+    ChildState,
+    Commands,
+    Escalation,
+    NoSuchChild,
+    Runnable,
+    Strategy,
+    Supervisor,
+)
 
 log = get_logger("tree")
 
@@ -64,14 +85,17 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 @dataclass
 class Mailboxes:
-    storage: Mailbox[Any] = field(default_factory=lambda: Mailbox("storage", 8192))
-    poller: Mailbox[Any] = field(default_factory=lambda: Mailbox("poller", 64))
-    hub: Mailbox[Any] = field(default_factory=lambda: Mailbox("hub", 65536))
-    public: Mailbox[Any] = field(default_factory=lambda: Mailbox("public", 64))
-    filter: Mailbox[Any] = field(default_factory=lambda: Mailbox("filter", 65536))
-    root: Mailbox[Any] = field(default_factory=lambda: Mailbox("supervisor", 64))
+    storage: Mailbox[StorageMsg] = field(
+        default_factory=lambda: Mailbox[StorageMsg]("storage", 8192))
+    poller: Mailbox[PollerMsg] = field(default_factory=lambda: Mailbox[PollerMsg]("poller", 64))
+    hub: Mailbox[HubMsg] = field(default_factory=lambda: Mailbox[HubMsg]("hub", 65536))
+    public: Mailbox[PublicMsg] = field(default_factory=lambda: Mailbox[PublicMsg]("public", 64))
+    filter: Mailbox[FilterMsg] = field(
+        default_factory=lambda: Mailbox[FilterMsg]("filter", 65536))
+    root: Mailbox[SupervisorMsg] = field(
+        default_factory=lambda: Mailbox[SupervisorMsg]("supervisor", 64))
 
-    def by_name(self) -> dict[str, Mailbox[Any]]:
+    def by_name(self) -> dict[str, AnyMailbox]:
         return {"storage": self.storage, "filter": self.filter, "poller": self.poller,
                 "hub": self.hub}
 
@@ -83,9 +107,41 @@ class Tree:
     metrics: Metrics
 
 
-def _nested_status(actor: Runnable) -> Any:
+def _nested_status(actor: Runnable) -> tuple[ChildState, ...]:
     assert isinstance(actor, Supervisor)
     return actor.status()
+
+
+def _actor_states(states: tuple[ChildState, ...]) -> tuple[ActorState, ...]:
+    return tuple(ActorState(s.name, s.state, s.uptime_secs, s.restarts, s.last_error,
+                            s.mailbox_depth, _actor_states(s.children)) for s in states)
+
+
+# The operator's commands to the root supervisor, answered with its own interface: it knows
+# no application message or error (docs/architecture.md §2). Audit lines keep its name.
+supervisor_log = get_logger("supervisor")
+
+
+async def _serve_root_commands(mailbox: Mailbox[SupervisorMsg], root: Supervisor) -> None:
+    def status(env: Envelope[TreeStatus]) -> None:
+        env.reply(_actor_states(root.status()))
+
+    def restart(env: Envelope[RestartActor]) -> None:
+        try:
+            root.restart_child(env.msg.name)
+        except NoSuchChild as exc:
+            env.fail(NotFound(str(exc)))
+            return
+        supervisor_log.info("audit: restart actor", actor=env.msg.name)
+        env.reply(True)
+
+    def shutdown(env: Envelope[Shutdown]) -> None:
+        supervisor_log.info("audit: shutdown", reason=env.msg.reason)
+        env.reply(True)
+        root.request_stop(env.msg.reason)
+
+    await mailbox.serve(Dispatch(mailbox.name, {
+        TreeStatus: status, RestartActor: restart, Shutdown: shutdown}))
 
 
 async def _stop_listener(actor: Runnable) -> None:
@@ -99,7 +155,7 @@ async def _stop_listener(actor: Runnable) -> None:
 def build_tree(settings: Settings, secret: bytes, *,
                storage_factory: Callable[..., Storage] = Storage,
                on_open: Callable[[apsw.Connection], None] | None = None,
-               events: Mailbox[Any] | None = None) -> Tree:
+               events: Mailbox[HubMsg] | None = None) -> Tree:
     """Wire the actors; `storage_factory` and `on_open` are seams for fault-injection tests,
     `events` receives the poller's announcements (until the hub consumes them)."""
     network = None
@@ -213,8 +269,9 @@ def build_tree(settings: Settings, secret: bytes, *,
     )
     children = [*([devchain] if devchain else []), core, hub, *([poller] if poller else []),
                 public, internal]
+    commands = Commands(mb.root, partial(_serve_root_commands, mb.root))
     root = Supervisor("root", children, strategy=Strategy.ONE_FOR_ONE,
-                      commands=mb.root, **limits)  # type: ignore[arg-type]
+                      commands=commands, **limits)  # type: ignore[arg-type]
     return Tree(root, mb, metrics)
 
 

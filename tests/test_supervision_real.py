@@ -11,12 +11,14 @@ import trio
 
 from actors.storage import Handled, Storage
 from anon_ticket.domain.ids import PaymentId
+from anon_ticket.domain.messages import Committed
 from supervisors.tree import EXIT_FAILURE, run_server
 from tests.harness import make_settings, running_server
 
 
 class Crash:
-    """No actor knows this message: it makes a handler raise, as a bug would."""
+    """Nothing any actor knows: a handler given it raises, as a bug would (an actor given it
+    as a message answers that it has no handler for it, and goes on)."""
 
 
 class CrashableStorage(Storage):
@@ -85,7 +87,7 @@ async def test_filter_crash_answers_503_never_a_wrong_404(tmp_path: Path) -> Non
         await srv.pay(pid)
 
         async def crash() -> None:
-            srv.tree.mailboxes.filter.tell(Crash())
+            srv.tree.mailboxes.filter.tell(Committed((Crash(),)))  # an effect it cannot apply
 
         seen = await hammer_until_served(srv, pid, crash)
         assert set(seen) <= {200, 503}, set(seen)

@@ -19,8 +19,8 @@ import functools
 from monero.address import Address, IntegratedAddress, SubAddress
 from monero.address import address as _parse_any
 
+from anon_ticket.domain.errors import InvalidAddress
 from anon_ticket.domain.ids import PID_BYTES, PaymentId
-from anon_ticket.errors import InvalidAddress
 
 __all__ = ["integrated_address", "network_of", "parse_integrated", "validate_primary"]
 

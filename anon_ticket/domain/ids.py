@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
-from anon_ticket.errors import InvalidPaymentId, InvalidToken
+from anon_ticket.domain.errors import InvalidPaymentId, InvalidToken
 
 _HEX = frozenset("0123456789abcdefABCDEF")
 PID_BYTES = 8

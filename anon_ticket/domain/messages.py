@@ -1,20 +1,48 @@
-"""What actors ask and tell each other (pure, frozen)."""
+"""What actors ask and tell each other: domain facts and the requests about them (pure,
+frozen). Operator commands and status reads are anon_ticket/domain/commands.py's, the hub's
+subscriptions anon_ticket/domain/watch.py's; what each actor's mailbox takes is listed in
+anon_ticket/domain/inboxes.py.
+
+Every message is a `Request[R]` (asked: its answer is an R, which `Mailbox.ask` returns, so
+mypy checks each asker) or a `Notice` (told: nobody waits). Both are frozen dataclasses with
+slots, and the bases add no state: a message costs what it did without them.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING, Generic, Self, TypeVar
 
 from anon_ticket.domain.ids import PaymentId, ServiceToken
 
+R = TypeVar("R")
+
+
+class Request(Generic[R]):
+    """A message that is asked and answered with an R (or a failure)."""
+
+    __slots__ = ()
+    if TYPE_CHECKING:
+        # How mailboxes/mailbox.py's `Asks` reads a request (structurally: the domain imports
+        # nothing outside itself). Declared for the type checker only, never defined.
+        def _message(self) -> Self: ...
+
+        def _reply(self) -> R: ...
+
+
+class Notice:
+    """A message that is told: nobody waits for an answer."""
+
+    __slots__ = ()
+    if TYPE_CHECKING:
+        # mailboxes/mailbox.py's `Tells`, as above.
+        def _message(self) -> Self: ...
+
+        def _unanswered(self) -> None: ...
+
+
 # --- storage -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """Redeem a payment id for its service token (exactly once; retries see the same token)."""
-
-    pid: PaymentId
 
 
 class ClaimStatus(Enum):
@@ -30,8 +58,10 @@ class Claimed:
 
 
 @dataclass(frozen=True, slots=True)
-class LookupToken:
-    token: ServiceToken
+class Claim(Request[Claimed]):
+    """Redeem a payment id for its service token (exactly once; retries see the same token)."""
+
+    pid: PaymentId
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +75,12 @@ class TokenInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class Revoke:
+class LookupToken(Request[TokenInfo]):
+    token: ServiceToken
+
+
+@dataclass(frozen=True, slots=True)
+class Revoke(Request[TokenInfo]):
     token: ServiceToken
     reason: str | None = None
     abuse_score: int | None = None
@@ -73,15 +108,6 @@ class SkippedTransfer:
 
 
 @dataclass(frozen=True, slots=True)
-class RecordTransfers:
-    """Credit transfers and advance the cursor in one transaction (I1, I4)."""
-
-    transfers: tuple[Transfer, ...]
-    skipped: tuple[SkippedTransfer, ...] = ()
-    cursor: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class Recorded:
     credited: int
     new_pids: tuple[PaymentId, ...]
@@ -90,15 +116,17 @@ class Recorded:
 
 
 @dataclass(frozen=True, slots=True)
-class ReadCursor:
-    pass
+class RecordTransfers(Request[Recorded]):
+    """Credit transfers and advance the cursor in one transaction (I1, I4)."""
+
+    transfers: tuple[Transfer, ...]
+    skipped: tuple[SkippedTransfer, ...] = ()
+    cursor: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class RecentTransfers:
-    """Surviving recorded transfers above a height (for the reorg check)."""
-
-    above_height: int
+class ReadCursor(Request[int | None]):
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,11 +137,10 @@ class RecordedTransfer:
 
 
 @dataclass(frozen=True, slots=True)
-class MarkVanished:
-    """A recorded transfer the synced wallet no longer knows (I6)."""
+class RecentTransfers(Request[tuple[RecordedTransfer, ...]]):
+    """Surviving recorded transfers above a height (for the reorg check)."""
 
-    txid: bytes
-    pid: PaymentId
+    above_height: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +151,11 @@ class Vanished:
 
 
 @dataclass(frozen=True, slots=True)
-class ListSkipped:
-    limit: int = 100
+class MarkVanished(Request[Vanished]):
+    """A recorded transfer the synced wallet no longer knows (I6)."""
+
+    txid: bytes
+    pid: PaymentId
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +165,11 @@ class SkippedRow:
     amount: int
     height: int
     recorded_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListSkipped(Request[tuple[SkippedRow, ...]]):
+    limit: int = 100
 
 
 class EventKind(Enum):
@@ -158,14 +193,6 @@ class TicketEvent:
 
 
 @dataclass(frozen=True, slots=True)
-class ReadTicketState:
-    """The current state of a ticket by payment id or token (for a new watcher)."""
-
-    pid: PaymentId | None = None
-    token: ServiceToken | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class TicketState:
     pid: PaymentId
     token: ServiceToken | None
@@ -176,46 +203,14 @@ class TicketState:
 
 
 @dataclass(frozen=True, slots=True)
-class Backup:
-    path: str
+class ReadTicketState(Request[TicketState]):
+    """The current state of a ticket by payment id or token (for a new watcher)."""
 
-
-@dataclass(frozen=True, slots=True)
-class BackupDone:
-    path: str
-    bytes: int
-    seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class StorageStats:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class StorageHealth:
-    """Can storage write? Answered at once, outside any transaction: `{"writable": bool,
-    "error": str | None}`. While the last write transaction failed, asking probes with a
-    tiny write (at most once a second), so health recovers without waiting for a claim."""
+    pid: PaymentId | None = None
+    token: ServiceToken | None = None
 
 
 # --- filter --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Lookup:
-    """Ask the filter whether a payment id can possibly be claimable."""
-
-    pid: PaymentId
-
-
-@dataclass(frozen=True, slots=True)
-class Redeem:
-    """A redeem through the filter: it answers a Bloom negative (Presence.ABSENT) and a cached
-    claim itself, and forwards anything else to storage as a `Claim`, which answers. The
-    requester waits once, however many actors the request passes."""
-
-    pid: PaymentId
 
 
 class Presence(Enum):
@@ -224,16 +219,41 @@ class Presence(Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class AddPids:
-    """Recorded payment ids; the filter acknowledges by replying `ack` to the request."""
+class Lookup(Request[Claimed | Presence]):
+    """Ask the filter whether a payment id can possibly be claimable."""
+
+    pid: PaymentId
+
+
+@dataclass(frozen=True, slots=True)
+class Redeem(Request[Claimed | Presence]):
+    """A redeem through the filter: it answers a Bloom negative (Presence.ABSENT) and a cached
+    claim itself, and forwards anything else to storage as a `Claim`, which answers. The
+    requester waits once, however many actors the request passes."""
+
+    pid: PaymentId
+
+
+@dataclass(frozen=True, slots=True)
+class AddPids(Request[Recorded]):
+    """Storage to the filter, after the COMMIT of transfers that recorded new payment ids.
+
+    Three jobs, done by the filter in this order (I8):
+    - `pids`: add them to the Bloom filter, before anything announces them claimable;
+    - `ack`: then answer the poller's `RecordTransfers`, which this request carries on
+      (storage forwards the poller's reply slot with it): the poller moves on only once its
+      new ids are in the filter;
+    - `events`: then hand the transaction's committed events to the hub, so no watcher
+      hears of a payment the filter would still answer 404 for.
+    """
 
     pids: tuple[PaymentId, ...]
-    ack: object = None
+    ack: Recorded
     events: tuple[TicketEvent, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
-class Publish:
+class Publish(Notice):
     """Committed events on their way to the hub (through the filter, in commit order)."""
 
     events: tuple[TicketEvent, ...]
@@ -255,24 +275,24 @@ class Invalidate:
     pids: tuple[PaymentId, ...]
 
 
+# One change of a storage transaction that the filter must hear of: a cache fill, an
+# invalidation, or events for the hub.
+Effect = CacheClaim | Invalidate | Publish
+
+
 @dataclass(frozen=True, slots=True)
-class Committed:
+class Committed(Notice):
     """What one storage transaction changed, in order: cache fills, invalidations and
     events, in one message to the filter (not up to three a claim)."""
 
-    effects: tuple[CacheClaim | Invalidate | Publish, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class FilterStats:
-    pass
+    effects: tuple[Effect, ...]
 
 
 # --- poller ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class PaymentSeen:
+class PaymentSeen(Notice):
     """First sighting of a transfer to a payment id (pool or block); not claimable yet."""
 
     pid: PaymentId
@@ -282,70 +302,12 @@ class PaymentSeen:
 
 
 @dataclass(frozen=True, slots=True)
-class Confirmations:
+class Confirmations(Notice):
     pid: PaymentId
     txid: str
     confirmations: int
     required: int
 
 
-@dataclass(frozen=True, slots=True)
-class PausePoller:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class ResumePoller:
-    pass
-
-
 # The largest height (or cursor) storage can hold: SQLite integers are 64-bit.
 MAX_HEIGHT = 2**63 - 1
-
-
-@dataclass(frozen=True, slots=True)
-class RescanFrom:
-    """Scan again from this height on (I1 makes it harmless)."""
-
-    height: int
-
-
-@dataclass(frozen=True, slots=True)
-class PollerStatus:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Drain:
-    """Stop taking claims (503 with Retry-After) and close watchers; in-flight work finishes."""
-
-    reason: str = "draining"
-
-
-# --- supervision ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ActorState:
-    name: str
-    state: str
-    uptime_secs: float | None
-    restarts: int
-    last_error: str | None
-    mailbox_depth: int | None
-    children: tuple[ActorState, ...] = field(default=())
-
-
-@dataclass(frozen=True, slots=True)
-class TreeStatus:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class RestartActor:
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class Shutdown:
-    reason: str

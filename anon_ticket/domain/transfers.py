@@ -4,15 +4,15 @@ Payment ids are chosen by whoever pays, so only a well-formed, non-zero 8-byte i
 transfer with no id, the all-zero id, a legacy 32-byte id, a dust or absurd amount, a type other
 than `in`, or a time lock is skipped with its reason and recorded for the operator. Nothing
 here can raise on a malformed entry: a poison transfer must never stall the poller.
+
+The wallet's JSON is read at the edge (anon_ticket/walletrpc.py) into `WalletTransfer`
+records; what they mean is decided here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
 
 from anon_ticket.domain.ids import ZERO_PID, PaymentId
 from anon_ticket.domain.messages import SkippedTransfer, Transfer
@@ -34,6 +34,23 @@ class SkipReason(Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class WalletTransfer:
+    """One `get_transfers` entry as the wallet sent it, each field typed, or None where it
+    is missing or of another type. Nothing is judged yet."""
+
+    txid: bytes | None  # None unless 64 hex characters
+    payment_id: str | None  # as sent: any text
+    amount: int | None  # None unless a non-negative integer
+    height: int | None  # None unless a non-negative integer
+    type: str | None  # "in", "pool", ...
+    time_locked: bool  # `unlock_time` present and not 0
+    # Names an entry without a usable txid, amount or height in the skipped list (I7): a
+    # digest of the entry as sent. Only such entries carry one (a digest each would slow a
+    # catch-up).
+    fingerprint: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Sighting:
     """A transfer seen before it is claimable (pool or shallow): announced, never credited."""
 
@@ -43,21 +60,8 @@ class Sighting:
     height: int | None  # None while in the pool
 
 
-def _txid(entry: dict[str, Any]) -> bytes | None:
-    txid = entry.get("txid")
-    if isinstance(txid, str) and len(txid) == 64 and _HEX.issuperset(txid.lower()):
-        return bytes.fromhex(txid)
-    return None
-
-
-def _int(entry: dict[str, Any], key: str) -> int | None:
-    value = entry.get(key)
-    return value if type(value) is int else None
-
-
-def _pid(entry: dict[str, Any]) -> PaymentId | SkipReason:
-    raw = entry.get("payment_id")
-    if not isinstance(raw, str):
+def _pid(raw: str | None) -> PaymentId | SkipReason:
+    if raw is None:
         return SkipReason.NO_PAYMENT_ID
     text = raw.lower()
     if not _HEX.issuperset(text):
@@ -72,27 +76,22 @@ def _pid(entry: dict[str, Any]) -> PaymentId | SkipReason:
     return PaymentId(value)
 
 
-def classify(entry: dict[str, Any], min_amount: int) -> Transfer | SkippedTransfer:
+def classify(entry: WalletTransfer, min_amount: int) -> Transfer | SkippedTransfer:
     """A confirmed `get_transfers` entry → a creditable transfer, or a skip with its reason."""
-    txid = _txid(entry)
-    amount = _int(entry, "amount")
-    height = _int(entry, "height")
-    shown_pid = entry.get("payment_id") if isinstance(entry.get("payment_id"), str) else None
-    if txid is None or amount is None or height is None or amount < 0 or height < 0:
-        digest = hashlib.sha3_256(json.dumps(entry, sort_keys=True, default=str).encode())
-        return SkippedTransfer(digest.digest(), SkipReason.MALFORMED.value,
-                               max(0, min(amount or 0, MAX_AMOUNT)), max(0, height or 0),
-                               shown_pid)
+    txid, amount, height = entry.txid, entry.amount, entry.height
+    shown_pid = entry.payment_id
+    if txid is None or amount is None or height is None:
+        return SkippedTransfer(entry.fingerprint or bytes(32), SkipReason.MALFORMED.value,
+                               min(amount or 0, MAX_AMOUNT), height or 0, shown_pid)
 
     def skip(reason: SkipReason) -> SkippedTransfer:
         return SkippedTransfer(txid, reason.value, min(amount, MAX_AMOUNT), height, shown_pid)
 
-    if entry.get("type") != "in":
+    if entry.type != "in":
         return skip(SkipReason.NOT_INCOMING)
-    unlock = entry.get("unlock_time", 0)
-    if unlock != 0:
+    if entry.time_locked:
         return skip(SkipReason.TIME_LOCKED)
-    pid = _pid(entry)
+    pid = _pid(entry.payment_id)
     if isinstance(pid, SkipReason):
         return skip(pid)
     if amount > MAX_AMOUNT:
@@ -102,13 +101,12 @@ def classify(entry: dict[str, Any], min_amount: int) -> Transfer | SkippedTransf
     return Transfer(txid, pid, amount, height)
 
 
-def sighting(entry: dict[str, Any]) -> Sighting | None:
+def sighting(entry: WalletTransfer) -> Sighting | None:
     """A pool or shallow entry worth announcing (a payment id we could credit later)."""
-    txid = _txid(entry)
-    amount = _int(entry, "amount")
-    pid = _pid(entry)
+    txid, amount = entry.txid, entry.amount
+    pid = _pid(entry.payment_id)
     if txid is None or amount is None or isinstance(pid, SkipReason):
         return None
-    height = _int(entry, "height")
-    in_pool = entry.get("type") == "pool" or not height
+    height = entry.height
+    in_pool = entry.type == "pool" or not height
     return Sighting(txid.hex(), pid, amount, None if in_pool else height)

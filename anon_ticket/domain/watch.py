@@ -14,17 +14,29 @@ server → client (each message names the pid or token it is about, as subscribe
     {"type": "gap"}                                               resume impossible; state follows
     {"type": "error", "error"}                                    bad request; connection stays
     {"type": "pong"}
+
+Inside the process, a watcher is the public actor's websocket connection with an outbound
+queue (mailboxes/outbox.py); the hub sees it as a `Subscriber` and takes `Subscribe`,
+`Unsubscribe`, `Drop` and `Replay` (below). What travels to a connection's writer is a
+`WatchItem`.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
+from anon_ticket.domain.errors import InvalidInput
 from anon_ticket.domain.ids import PID_BYTES, PaymentId, ServiceToken
-from anon_ticket.domain.messages import Confirmations, PaymentSeen, TicketEvent, TicketState
-from anon_ticket.errors import InvalidInput
+from anon_ticket.domain.messages import (
+    Confirmations,
+    Notice,
+    PaymentSeen,
+    Request,
+    TicketEvent,
+    TicketState,
+)
 
 MAX_SUBSCRIPTIONS = 16
 # Watchers of one payment id (or one token) at once: a commit's fan-out is bounded by it, and
@@ -98,6 +110,90 @@ def parse_request(text: str | bytes) -> WatchRequest:
         if value is not None and (type(value) is not int or value < 0):
             raise InvalidInput(f"invalid request: `{name}` must be a non-negative integer")
     return WatchRequest(op, key, since, epoch)
+
+
+# --- what travels to a connection's writer ------------------------------------------------
+# Tuples (NamedTuple): the hub makes one per key and commit, shared by all of that key's
+# watchers; tuples of plain values are not tracked by the cyclic GC.
+
+
+class WatchText(NamedTuple):
+    """A message to send as it is (a pong, an error)."""
+
+    text: str
+
+
+class WatchReady(NamedTuple):
+    """A subscription is registered and its state read: the writer sends a gap (if resuming
+    was impossible), then the replayed events or else the state, then what waited for it."""
+
+    key: bytes
+    state: TicketState
+    replay: tuple[TicketEvent, ...] | None
+    gap: bool
+
+
+class WatchEvent(NamedTuple):
+    """A fact for every watcher of `key`, encoded once by the hub. A committed event carries
+    its `seq` (the writer skips what the state or replay covered), an announcement None."""
+
+    key: bytes
+    seq: int | None
+    text: str
+
+
+WatchItem = WatchText | WatchReady | WatchEvent
+
+
+class Subscriber(Protocol):
+    """A watcher as the hub sees it: a queue it puts into without ever waiting (False: full),
+    and drops, marked slow, when it does not keep up. `keys` are its subscriptions, kept by
+    the hub."""
+
+    keys: set[bytes]
+    slow: bool
+
+    def put(self, item: WatchItem) -> bool: ...
+
+    def mark_slow(self) -> None: ...
+
+
+# --- the hub's subscriptions ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe(Request[bool]):
+    """Refused (InvalidInput, for the watcher to read) when the key has its fill of
+    watchers."""
+
+    watcher: Subscriber
+    key: bytes  # 8-byte payment id or 32-byte token
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe(Request[bool]):
+    watcher: Subscriber
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Drop(Notice):
+    """The watcher's connection ended: every subscription of it goes."""
+
+    watcher: Subscriber
+
+
+@dataclass(frozen=True, slots=True)
+class Replay(Request[tuple[TicketEvent, ...] | None]):
+    """Events of a ticket with since < seq <= upto, or None when the buffer no longer has
+    them all (the watcher then gets `gap` + `state`)."""
+
+    pid: bytes
+    since: int
+    upto: int
+
+
+# --- server messages -----------------------------------------------------------------------
 
 
 def _about(key: Key) -> dict[str, Any]:

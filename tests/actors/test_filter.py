@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from anon_ticket.domain.bloom import BloomFilter
+from anon_ticket.domain.commands import FilterStats
 from anon_ticket.domain.ids import PaymentId
 from anon_ticket.domain.messages import (
     ClaimStatus,
-    FilterStats,
     Lookup,
     Presence,
     RecordTransfers,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-from actors.hub import REPLAY_PER_TICKET, Drop, Hub, Replay, Subscribe, Watcher
+from actors.hub import REPLAY_PER_TICKET, Hub
 from anon_ticket.domain.ids import PaymentId, ServiceToken
 from anon_ticket.domain.messages import EventKind, Publish, TicketEvent
+from anon_ticket.domain.watch import Drop, Replay, Subscribe
 from anon_ticket.metrics import Metrics
+from mailboxes import Outbox
 from supervisors.mailbox import Envelope, Failure, Mailbox
 from tests.actors.core import ReplySlot
 
@@ -56,7 +58,7 @@ def test_the_replay_buffer_holds_nothing_the_cyclic_gc_must_walk() -> None:
 def test_a_key_takes_at_most_per_key_watchers_and_a_leaver_makes_room() -> None:
     hub = Hub(Mailbox("hub"), Metrics(), per_key=2)
     token = ServiceToken(b"t" * 32)
-    first, second, third = Watcher(), Watcher(), Watcher()
+    first, second, third = Outbox(), Outbox(), Outbox()
     assert ask(hub._subscribe, Subscribe(first, token.raw)) is True
     assert ask(hub._subscribe, Subscribe(second, token.raw)) is True
     refused = ask(hub._subscribe, Subscribe(third, token.raw))

@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from actors.poller import CHUNK_TRANSFERS, Poller, PollerConfig, chunks_at_block_boundaries
+from anon_ticket.domain.commands import PollerStatus, RescanFrom
 from anon_ticket.domain.ids import PaymentId
 from anon_ticket.domain.messages import (
     Claim,
@@ -22,15 +23,14 @@ from anon_ticket.domain.messages import (
     Confirmations,
     LookupToken,
     PaymentSeen,
-    PollerStatus,
     ReadCursor,
     RecentTransfers,
     RecordTransfers,
-    RescanFrom,
     Transfer,
 )
+from anon_ticket.domain.transfers import WalletTransfer
 from anon_ticket.errors import InvalidInput, NotFound, RpcTimeout, RpcUnavailable, Unavailable
-from anon_ticket.walletrpc import WalletIdentity
+from anon_ticket.walletrpc import WalletIdentity, wallet_transfer
 from supervisors.mailbox import Mailbox
 from tests.actors.core import Core, faulty_disk, run_core
 
@@ -78,14 +78,16 @@ class ScriptedWallet:
         self._check()
         return self.height
 
-    async def incoming(self, min_height: int, max_height: int) -> list[dict[str, Any]]:
+    async def incoming(self, min_height: int, max_height: int) -> list[WalletTransfer]:
         self._check()
         self.windows.append((min_height, max_height))
-        return [e for e in self.entries if min_height < e["height"] <= max_height]
+        return [wallet_transfer(e) for e in self.entries
+                if min_height < e["height"] <= max_height]
 
-    async def pool_and_recent(self, min_height: int) -> list[dict[str, Any]]:
+    async def pool_and_recent(self, min_height: int) -> list[WalletTransfer]:
         self._check()
-        return [e for e in self.entries if e["height"] > min_height] + self.pool
+        return [wallet_transfer(e) for e in self.entries if e["height"] > min_height] + [
+            wallet_transfer(e) for e in self.pool]
 
     async def transfer_exists(self, txid: str) -> bool:
         self._check()

@@ -14,9 +14,9 @@ import trio
 
 from actors.hub import Replay
 from actors.storage import Storage
+from anon_ticket.domain.commands import Backup, StorageHealth, StorageStats
 from anon_ticket.domain.ids import PaymentId, ServiceToken
 from anon_ticket.domain.messages import (
-    Backup,
     Claim,
     Claimed,
     ClaimStatus,
@@ -29,8 +29,6 @@ from anon_ticket.domain.messages import (
     RecordTransfers,
     Revoke,
     SkippedTransfer,
-    StorageHealth,
-    StorageStats,
     Transfer,
 )
 from anon_ticket.domain.tokens import derive_hmac

@@ -27,10 +27,11 @@ from wsproto.events import (
     TextMessage,
 )
 
-from actors.hub import HubStats, Watcher
 from actors.public import Public, _WatchConnection
+from anon_ticket.domain.commands import HubStats
 from anon_ticket.domain.ids import PaymentId
 from anon_ticket.domain.watch import MAX_WATCHERS_PER_KEY
+from mailboxes import Outbox
 from tests.actors.test_watch import recv, send, watcher
 from tests.harness import Server, count_tasks, running_server
 
@@ -173,10 +174,11 @@ def ours_in_cycles() -> list[str]:
 
 
 def _ours(obj: object) -> bool:
-    if isinstance(obj, (_WatchConnection, Watcher)):
+    if isinstance(obj, (_WatchConnection, Outbox)):
         return True
     code = getattr(obj, "f_code", None)
-    return code is not None and code.co_filename.endswith(("actors/public.py", "actors/hub.py"))
+    return code is not None and code.co_filename.endswith(
+        ("actors/public.py", "actors/hub.py", "mailboxes/outbox.py"))
 
 
 async def test_watchers_that_leave_release_their_state_and_memory(tmp_path: Path) -> None:

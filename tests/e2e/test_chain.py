@@ -15,8 +15,9 @@ import trio
 
 from anon_ticket.devchain import DevChainInfo
 from anon_ticket.domain.address import integrated_address
+from anon_ticket.domain.commands import PollerStatus
 from anon_ticket.domain.ids import PaymentId
-from anon_ticket.domain.messages import Confirmations, PaymentSeen, PollerStatus
+from anon_ticket.domain.messages import Confirmations, PaymentSeen
 from supervisors.mailbox import Mailbox
 from tests.chain import mine_sync, pay_sync, rpc_sync
 from tests.e2e.proxy import recording_proxy

@@ -1,0 +1,52 @@
+"""What each actor's mailbox takes (`Mailbox[StorageMsg]`, ...): its protocol, in one place.
+
+A request sent to a mailbox that does not take it is a type error; one that gets there all
+the same is answered at once with a failure (mailboxes/dispatch.py).
+"""
+
+from __future__ import annotations
+
+from anon_ticket.domain.commands import (
+    Backup,
+    Drain,
+    FilterStats,
+    HubStats,
+    PausePoller,
+    PollerStatus,
+    RescanFrom,
+    RestartActor,
+    ResumePoller,
+    Shutdown,
+    StorageHealth,
+    StorageStats,
+    TreeStatus,
+)
+from anon_ticket.domain.messages import (
+    AddPids,
+    Claim,
+    Committed,
+    Confirmations,
+    ListSkipped,
+    Lookup,
+    LookupToken,
+    MarkVanished,
+    PaymentSeen,
+    Publish,
+    ReadCursor,
+    ReadTicketState,
+    RecentTransfers,
+    RecordTransfers,
+    Redeem,
+    Revoke,
+)
+from anon_ticket.domain.watch import Drop, Replay, Subscribe, Unsubscribe
+
+StorageMsg = (Claim | LookupToken | Revoke | RecordTransfers | ReadCursor | RecentTransfers
+              | MarkVanished | ReadTicketState | ListSkipped | StorageStats | StorageHealth
+              | Backup)
+FilterMsg = Redeem | Lookup | AddPids | Committed | FilterStats
+HubMsg = (Publish | PaymentSeen | Confirmations | Subscribe | Unsubscribe | Drop | Replay
+          | HubStats)
+PollerMsg = PollerStatus | PausePoller | ResumePoller | RescanFrom
+PublicMsg = Drain
+SupervisorMsg = TreeStatus | RestartActor | Shutdown  # the root supervisor's commands
