@@ -6,11 +6,13 @@ Names of the original are kept (`api_redeem_requests_total`, ...); ours are adde
 from __future__ import annotations
 
 import gc
+import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client import disable_created_metrics as _disable_created
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -84,9 +86,38 @@ class ConnectionStats:
         yield from families.values()
 
 
+class DiskSpace:
+    """Free and total bytes of the filesystems the data lives on, read when scraped (a full
+    disk stops every claim: an operator should see it coming)."""
+
+    def __init__(self) -> None:
+        self.paths: dict[str, Path] = {}  # "data" / "database" -> a directory
+
+    def collect(self) -> Iterator[Metric]:
+        free = GaugeMetricFamily("anon_ticket_disk_free_bytes",
+                                 "Bytes free to the service on the filesystem holding `dir`",
+                                 labels=["dir"])
+        size = GaugeMetricFamily("anon_ticket_disk_size_bytes",
+                                 "Size of the filesystem holding `dir`", labels=["dir"])
+        for name, path in sorted(self.paths.items()):
+            try:
+                st = os.statvfs(path)
+            except OSError:
+                continue
+            free.add_metric([name], st.f_bavail * st.f_frsize)
+            size.add_metric([name], st.f_blocks * st.f_frsize)
+        yield free
+        yield size
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        # process_start_time_seconds (a restart of the whole process resets every counter),
+        # descriptors against their limit, memory
+        ProcessCollector(registry=r)
+        self.disk = DiskSpace()
+        r.register(self.disk)
         # The process installs this in gc.callbacks (one process, one tree); until then 0.
         self.gc_times = GcTimes()
         r.register(self.gc_times)

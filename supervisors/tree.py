@@ -169,6 +169,7 @@ def build_tree(settings: Settings, secret: bytes, *,
         network = DEV_NETWORK
     mb = Mailboxes()
     metrics = Metrics()
+    metrics.disk.paths.update(data=settings.data_dir, database=settings.database_path.parent)
     backoff = Backoff(settings.backoff_initial_secs, settings.backoff_max_secs)
     limits = dict(intensity=settings.restart_intensity, period=settings.restart_period_secs,
                   backoff=backoff, grace=settings.grace_secs,
