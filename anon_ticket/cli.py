@@ -19,7 +19,6 @@ from typing import Any
 import httpx
 
 from anon_ticket import __version__, logs, preflight
-from anon_ticket.bench import add_bench_parser, run_bench
 from anon_ticket.client import add_client_parsers, run_client
 from anon_ticket.config import Settings, add_setting_flags, cli_values, load_settings
 from anon_ticket.datadir import DataDir
@@ -77,7 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dev_parser(sub)
     add_client_parsers(sub)
-    add_bench_parser(sub)
 
     db = sub.add_parser("db", help="database maintenance").add_subparsers(
         dest="db_cmd", required=True)
@@ -125,8 +123,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_dev(settings.data_dir, args)
         if args.command in ("redeem", "token", "watch"):
             return run_client(args)
-        if args.command == "bench":
-            return run_bench(args)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"anon-ticket: {problem}", file=sys.stderr)

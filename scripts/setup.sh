@@ -9,7 +9,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 WITH_TEST=0
 for a in "$@"; do case "$a" in --test) WITH_TEST=1;; *) echo "setup.sh: unknown argument $a" >&2; exit 2;; esac; done
 
-# monerod + monero-wallet-rpc run the local regtest chain; wrk drives `anon-ticket bench`.
+# monerod + monero-wallet-rpc run the local regtest chain; wrk drives scripts/bench.sh.
 missing=()
 command -v monerod >/dev/null && command -v monero-wallet-rpc >/dev/null || missing+=(monero)
 command -v wrk >/dev/null || missing+=(wrk)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -232,101 +230,75 @@ class StuckWatcher:
         return None
 
 
-async def redeem_rate(srv: Server, pid: PaymentId, n: int = 300) -> tuple[float, float]:
-    """Redeems per wall second and per CPU second of this process (server and clients both
-    run here; CPU time does not move when another process takes the core)."""
-    started, cpu = trio.current_time(), time.process_time()
-    async with trio.open_nursery() as nursery:
-        async def worker() -> None:
-            for _ in range(n // 16):
-                assert (await srv.redeem(pid.hex())).status_code == 200
-        for _ in range(16):
-            nursery.start_soon(worker)
-    done = n // 16 * 16
-    return done / (trio.current_time() - started), done / (time.process_time() - cpu)
-
-
 async def test_a_watcher_that_stops_reading_is_closed_and_slows_nothing(
         tmp_path: Path) -> None:
+    """A watcher that stops reading is dropped as slow within the stated time, and one that
+    reads meanwhile misses nothing: every event of the ticket, once and in order, and it still
+    answers. What the stuck one costs the rest in throughput (no busy loop on its full socket)
+    is measured by the benchmark's websocket section (`stuck_watcher` in tests/bench/runner.py):
+    rates on a shared 2-core machine are no unit test's to judge."""
     async with running_server(tmp_path, watch_send_timeout_secs=2) as srv:
-        busy, claimed = PaymentId.generate(), PaymentId.generate()
-        await srv.pay(claimed)
-        await srv.redeem(claimed.hex())
+        busy = PaymentId.generate()
+        stop, pumped = trio.Event(), trio.Event()
+        top_ups = 0
 
-        async def pump(stop: trio.Event) -> None:
+        async def pump() -> None:
+            nonlocal top_ups
             while not stop.is_set():  # ~200 events/s for one ticket: far above real life
                 await top_up(srv, busy, 10)
+                top_ups += 1
                 await trio.sleep(0.05)
+            pumped.set()
 
-        async def drain(ws: WebSocketConnection) -> None:
-            while True:
-                await ws.get_message()
-
-        async def rate_while_pumping(stuck: bool
-                                     ) -> tuple[tuple[float, float], float | None, int | None]:
-            stop = trio.Event()
-            dropped = (await srv.tree.mailboxes.hub.ask(HubStats(), 5))["slow_watchers_dropped"]
-            stuck_watcher = await StuckWatcher.open(srv, busy) if stuck else None
-            started = trio.current_time()
-            async with AsyncExitStack() as stack:
-                twin = None
-                if not stuck:  # like with like: a second watcher that keeps reading
-                    twin = await stack.enter_async_context(watcher(srv))
-                    await send(twin, op="subscribe", pid=busy.hex())
-                nursery = await stack.enter_async_context(trio.open_nursery())
-                if twin is not None:
-                    nursery.start_soon(drain, twin)
-                nursery.start_soon(pump, stop)
-                rate = await redeem_rate(srv, claimed)
-                closed_after = None
-                if stuck_watcher is not None:
-                    with trio.fail_after(30):
-                        while (await srv.tree.mailboxes.hub.ask(HubStats(), 5)
-                               )["slow_watchers_dropped"] == dropped:
-                            await trio.sleep(0.01)
-                    closed_after = trio.current_time() - started
-                stop.set()
-                nursery.cancel_scope.cancel()  # the twin's reader
-            code = await stuck_watcher.close_code() if stuck_watcher else None
-            return rate, closed_after, code
+        async def dropped() -> int:
+            stats = await srv.tree.mailboxes.hub.ask(HubStats(), 5)
+            return int(stats["slow_watchers_dropped"])
 
         async with watcher(srv) as healthy:
             await send(healthy, op="subscribe", pid=busy.hex())
-            assert (await recv(healthy))["type"] == "state"
+            state = await recv(healthy)
+            assert (state["type"], state["seq"]) == ("state", 0)
+            seqs: list[int] = []
+            pong = trio.Event()
 
-            async with trio.open_nursery() as reader:
-                reader.start_soon(drain, healthy)
-                # Alternating runs, each stuck one compared with the mean of the plain runs
-                # just before and after it: this machine's speed (CPU time too) moves by a
-                # third between runs and by half within a minute; a pair shares its moment.
-                plain: list[tuple[float, float]] = [(await rate_while_pumping(False))[0]]
-                stuck = []
-                for _ in range(4):
-                    stuck.append(await rate_while_pumping(True))
-                    plain.append((await rate_while_pumping(False))[0])
-                reader.cancel_scope.cancel()
-            for _, closed_after, code in stuck:
-                # Closed as a slow consumer: with the stated code when the hub found it
-                # 2,048 messages behind, dropped without one when its socket took nothing for
-                # the send timeout (no close frame gets through a half-written one)...
-                assert code in (4008, None)
-                # ...within the stated time: the send timeout (2 s here) after the kernel's
-                # socket buffers (a few hundred KB on loopback) have filled up
-                assert closed_after is not None and closed_after < 20
-            # ...and it slowed nobody down: no busy loop on its full socket (redeems per CPU
-            # second at least 0.7 of the runs without it: a spin would halve them) and no
-            # stall (wall rate, coarsely). Finer than that a unit test cannot judge here:
-            # paired runs of the same code moved from 0.79 to 1.23 within one test; the
-            # benchmark's websocket section measures the cost of watchers to the percent.
-            paired = [r[1] / statistics.fmean((plain[i][1], plain[i + 1][1]))
-                      for i, (r, _, _) in enumerate(stuck)]
-            assert statistics.median(paired) >= 0.7, (paired, stuck, plain)
-            assert (statistics.median(r[0] for r, _, _ in stuck)
-                    >= 0.5 * statistics.median(r[0] for r in plain))
-            await send(healthy, op="ping")  # the healthy watcher is still connected
-            with trio.fail_after(10):
-                while (await recv(healthy))["type"] != "pong":
-                    pass
+            async def read() -> None:
+                while True:
+                    msg = json.loads(await healthy.get_message())
+                    if msg["type"] == "pong":
+                        pong.set()
+                    else:
+                        seqs.append(msg["seq"])
+
+            before = await dropped()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                nursery.start_soon(pump)
+                stuck = await StuckWatcher.open(srv, busy)
+                started = trio.current_time()
+                with trio.fail_after(30):
+                    while await dropped() == before:
+                        await trio.sleep(0.01)
+                closed_after = trio.current_time() - started
+                stop.set()
+                await pumped.wait()
+                # The reading watcher got every event, the ones committed while the stuck one
+                # filled its buffers and waited on them too...
+                with trio.fail_after(10):
+                    while len(seqs) < 10 * top_ups:
+                        await trio.sleep(0.01)
+                # ...and is served still.
+                await send(healthy, op="ping")
+                with trio.fail_after(10):
+                    await pong.wait()
+                nursery.cancel_scope.cancel()
+            assert seqs == list(range(1, 10 * top_ups + 1))
+        # Closed as a slow consumer: with the stated code when the hub found it 2,048
+        # messages behind, dropped without one when its socket took nothing for the send
+        # timeout (no close frame gets through a half-written one)...
+        assert await stuck.close_code() in (4008, None)
+        # ...within the stated time: the send timeout (2 s here) after the kernel's socket
+        # buffers (a few hundred KB on loopback) have filled up.
+        assert closed_after < 20
 
 
 async def test_a_stop_with_watchers_does_not_wait_out_the_grace(tmp_path: Path) -> None:

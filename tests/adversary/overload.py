@@ -32,16 +32,14 @@ from typing import Any
 
 import httpx
 
-from anon_ticket.bench import wrk
+from tests.bench import wrk
+from tests.bench.procs import memory_kib
 from tests.process.proc import start_server
 from tests.process.test_process import prepared
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return memory_kib(pid)["VmRSS"] / 1024
 
 
 def honest(url: str, pids: list[str], pace: float, stop: threading.Event) -> dict[str, Any]:
@@ -82,10 +80,8 @@ def measure(work: Path, seconds: int, rate: float, cpus: tuple[set[int] | None, 
     alone, then both."""
     server_cpu, load_cpu = cpus
     data, pids = prepared(work, 4000)
-    server = start_server(data, args=("--unknown-rate-per-sec", str(rate)))
+    server = start_server(data, args=("--unknown-rate-per-sec", str(rate)), cpus=server_cpu)
     try:
-        if server_cpu:
-            os.sched_setaffinity(server.proc.pid, server_cpu)
         script = wrk.write_script(work)
         lines = wrk.write_lines(work / "spray.txt", [
             json.dumps({"pid": os.urandom(8).hex()}, separators=(",", ":"))

@@ -15,12 +15,20 @@ import httpx
 import pytest
 
 from anon_ticket.domain.ids import PaymentId
-from tests.process.proc import cli, kill, start_server, write_legacy_db
+from tests.process.proc import (
+    LegacyRow,
+    cli,
+    import_legacy,
+    kill,
+    start_server,
+    write_legacy_db,
+)
 
 pytestmark = pytest.mark.process
 
 
-def legacy_rows(n: int) -> list[tuple[bytes, str, int, int]]:
+def legacy_rows(n: int) -> list[LegacyRow]:
+    """`n` payments of the original (pid, txid, amount, height), random ids."""
     return [(PaymentId.generate().raw, os.urandom(32).hex(), 10**12 + i, 100 + i % 7)
             for i in range(n)]
 
@@ -30,9 +38,7 @@ def prepared(tmp_path: Path, n: int) -> tuple[Path, list[str]]:
     would (`db import-legacy`)."""
     rows = legacy_rows(n)
     data = tmp_path / "data"
-    legacy = write_legacy_db(tmp_path / "legacy.db", rows)
-    done = cli(data, "db", "import-legacy", str(legacy))
-    assert done.returncode == 0, done.stderr
+    import_legacy(data, write_legacy_db(tmp_path / "legacy.db", rows))
     return data, [r[0].hex() for r in rows]
 
 

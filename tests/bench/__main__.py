@@ -1,17 +1,17 @@
-"""`python -m anon_ticket.bench [--quick] [--out report.json]` (same as `anon-ticket bench`)."""
+"""`python -m tests.bench [--quick] [--out report.json] ...` (what `scripts/bench.sh` runs)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from anon_ticket.bench import _configure, run_bench
+from tests.bench import configure, run_bench
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="anon-ticket bench",
+    p = argparse.ArgumentParser(prog="python -m tests.bench",
                                 description="Benchmark the real server (issue 5).")
-    _configure(p)
+    configure(p)
     return run_bench(p.parse_args(argv))
 
 

@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.process.proc import child_setup
+
 MARKER = "BENCH_JSON "
 STAGGER_MS_PER_CONNECTION = 4
 MAX_STAGGER_MS = 1000
@@ -217,16 +219,6 @@ def write_lines(path: Path, lines: Sequence[str]) -> Path:
     return path
 
 
-def _pinned(cpus: set[int] | None) -> Any:
-    if not cpus:
-        return None
-
-    def pin() -> None:
-        os.sched_setaffinity(0, cpus)
-
-    return pin
-
-
 def stagger_for(connections: int) -> int:
     """The window (ms) over which the connections' first requests are spread."""
     return min(MAX_STAGGER_MS, STAGGER_MS_PER_CONNECTION * connections)
@@ -250,7 +242,7 @@ def run_wrk(url: str, *, script: Path, method: str, path: str, lines_file: Path,
     with tempfile.TemporaryFile(mode="w+") as out:
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                preexec_fn=_pinned(cpus))
+                                preexec_fn=child_setup(cpus))
         try:
             _, status, usage = os.wait4(proc.pid, 0)
         except BaseException:

@@ -1,4 +1,4 @@
-"""The benchmark run: prepare, drive, measure, report (see `anon_ticket.bench`)."""
+"""The benchmark run: prepare, drive, measure, report (see `tests.bench`)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from anon_ticket.bench import SECTIONS, data, inproc, procs, profiling, report, wrk
-from anon_ticket.bench.wrk import WrkResult
+from tests.bench import SECTIONS, data, floor, procs, profiling, report, wrk
+from tests.bench.procs import Ceiling
+from tests.bench.wrk import WrkResult
+from tests.process.proc import ServerProcess
 
 Log = Callable[[str], None]
 
@@ -37,9 +39,8 @@ class Plan:
     unclaimed: int  # recorded, unclaimed payments in the legacy database
     claimed: int  # claimed payments (no token row: they get their legacy token at import)
     warmup_s: int
-    storage_claims: int
-    storage_concurrency: int
-    storage_reps: int
+    storage_reps: int  # runs of each server (group commit, one transaction a claim), alternating
+    floor_claims: int  # claims the bare-SQL floor makes at each batch size
     ingest_transfers: int
     big_pids: int
     big_via_import: bool  # the 1M database through `db import-legacy` (else bulk SQL)
@@ -53,31 +54,41 @@ class Plan:
     ws_fanout: int = 200  # claims timed from redeem to the `claimed` event
     # server RSS before, with the idle subscribers and after they left (a round about 3 s)
     ws_memory_rounds: int = 2
-    ingest_reps: int = 2  # ingestion runs of ours and of bare SQL, alternating
+    # runs with one watcher that stopped reading and with one that reads, alternating, while
+    # the wallet tops one ticket up ws_pump times a poller tick (every 0.05 s)
+    ws_stuck_reps: int = 2
+    ws_pump: int = 10
+    ws_stuck_settle_s: float = 1.0  # the stuck watcher's head start before its run
+    ingest_reps: int = 2  # catch-ups of the server and runs of bare SQL, alternating
     interleave_ceiling: bool = True  # at the targets' level, the ceiling between every two
     # scenarios left out (--quick: the two that no target reads, to stay within a minute)
     skip: frozenset[str] = frozenset()
 
 
 QUICK = Plan("quick", levels=(64,), seconds={64: 2}, reps=1, target_reps=1, unclaimed=30_000,
-             claimed=5_000, warmup_s=1, storage_claims=3_000, storage_concurrency=256,
-             storage_reps=1, ingest_transfers=20_000, big_pids=1_000_000,
+             claimed=5_000, warmup_s=1, storage_reps=1, floor_claims=3_000,
+             ingest_transfers=20_000, big_pids=1_000_000,
              big_via_import=False, startup_runs=1, negatives=2000, tokens=2000, profile_s=4,
              retries=1, ws_fanout=100, ingest_reps=1, ws_reps=1, interleave_ceiling=False,
-             ws_memory_rounds=1, skip=frozenset({"quart_hop", "already_claimed_uncached"}))
+             ws_memory_rounds=1, ws_stuck_reps=1,
+             skip=frozenset({"quart_hop", "already_claimed_uncached"}))
 # Five repetitions at the targets' level: single 5 s runs there move by +-15% against the
 # ceiling runs around them on a shared machine (0.70 to 0.96 for one code path within ten
 # minutes); the median of five holds steadier than of three.
 FULL = Plan("full", levels=(1, 16, 64, 256), seconds={1: 5, 16: 5, 64: 5, 256: 5}, reps=3,
             target_reps=5,
-            unclaimed=200_000, claimed=40_000, warmup_s=2, storage_claims=50_000,
-            storage_concurrency=256, storage_reps=3, ingest_transfers=100_000,
+            unclaimed=200_000, claimed=40_000, warmup_s=2, storage_reps=3,
+            floor_claims=20_000, ingest_transfers=100_000,
             big_pids=1_000_000, big_via_import=True, startup_runs=3, profile_s=8, ws_reps=5)
 
 GC_SECONDS = "anon_ticket_gc_seconds_total"
 GC_COLLECTIONS = "anon_ticket_gc_collections_total"
 CHECKPOINTS = "anon_ticket_storage_wal_checkpoints_total"
 COMMIT_SECONDS = "anon_ticket_storage_commit_seconds"
+LAST_HEIGHT = "monitor_last_height"
+INGESTED = "monitor_payments_ingested_total"
+ALERTS = "anon_ticket_alerts_total"
+POLL_INTERVAL = "0.05"  # the servers that take payments from the fake wallet poll it this often
 SLOW_COMMIT = "0.025"  # a transaction slower than this (seconds) shows in a run's latency tail
 SERVER_SECTIONS = ("http", "websocket")  # these share one server process, started once
 
@@ -105,7 +116,7 @@ def _body(pid: bytes) -> str:
 
 @contextlib.contextmanager
 def _affinity(cpus: set[int] | None) -> Iterator[None]:
-    """Run the in-process measurements on the server's core (same pinning as the server)."""
+    """Run the bare-SQL floors on the server's core (same pinning as the server)."""
     if not cpus:
         yield
         return
@@ -251,18 +262,18 @@ def _stall_events(before: str, after: str) -> dict[str, int]:
     }
 
 
-def _rss_mb(child: procs.Child) -> float:
-    return round(child.memory_kib()["VmRSS"] * 1024 / 1e6, 1)
+def _rss_mb(server: ServerProcess) -> float:
+    return round(procs.memory_kib(server.proc.pid)["VmRSS"] * 1024 / 1e6, 1)
 
 
-def _settled_rss_mb(child: procs.Child, timeout: float = 10.0) -> float:
+def _settled_rss_mb(server: ServerProcess, timeout: float = 10.0) -> float:
     """RSS once the server has dealt with what just happened (closing connections): two
     readings in a row 0.25 s apart within 0.1 MB of each other, or what it is at `timeout`."""
     deadline = time.monotonic() + timeout
-    last = _rss_mb(child)
+    last = _rss_mb(server)
     while time.monotonic() < deadline:
         time.sleep(0.25)
-        now = _rss_mb(child)
+        now = _rss_mb(server)
         if abs(now - last) <= 0.1:
             return now
         last = now
@@ -277,6 +288,17 @@ def _merge(dicts: list[dict[str, int]]) -> dict[str, int]:
     return out
 
 
+def _storage_work(before: str, after: str) -> dict[str, float]:
+    """What the server's storage did between two /metrics readings: its transactions and
+    their time (first statement to COMMIT, timed by the server)."""
+    commits = procs.histogram_delta(procs.histogram(before, COMMIT_SECONDS),
+                                    procs.histogram(after, COMMIT_SECONDS))
+    return {"transactions": commits.get("_count", 0.0), "seconds": commits.get("_sum", 0.0)}
+
+
+Child = ServerProcess | Ceiling
+
+
 class Bench:
     def __init__(self, plan: Plan, work: Path, log: Log, profile_dir: Path | None) -> None:
         self.plan = plan
@@ -287,8 +309,14 @@ class Bench:
         self.report: dict[str, Any] = {}
         self.script = wrk.write_script(work)
         self._files = 0
-        self.fresh: list[bytes] = []  # unclaimed PIDs not yet sent to the server
-        self.server: procs.Child | None = None  # shared by the http and websocket sections
+        self.fresh: list[bytes] = []  # unclaimed PIDs not yet sent to a server
+        # shared by the http and websocket sections, with the fake wallet it polls
+        self.server: ServerProcess | None = None
+        self.wallet: procs.Wallet | None = None
+        self._claims_rate = 0.0  # the fastest fresh-PID redeem run so far (req/s)
+        # The fake wallets' height to begin with: 100 blocks above the prepared payments, so
+        # the poller's recent window (20 blocks) never holds what was imported.
+        self.wallet_height = 1000
 
     def _take_fresh(self, want: int) -> list[bytes]:
         take = self.fresh[:want]
@@ -304,43 +332,50 @@ class Bench:
 
     # --- preparation ---------------------------------------------------------------------
 
-    def prepare(self) -> tuple[data.LegacySet, Path, Path]:
+    def prepare(self) -> tuple[data.LegacySet, Path]:
+        """The legacy database, imported into a data directory no server ever runs on: each
+        server of the run starts on a copy of it."""
         p = self.plan
         self.log(f"preparing: legacy database with {p.unclaimed} unclaimed + {p.claimed} "
                  "claimed payments")
-        legacy = data.write_legacy(self.work / "legacy.db", data.pids("fresh", p.unclaimed),
-                                   data.pids("claimed", p.claimed))
-        self.fresh = list(legacy.unclaimed)
-        data_dir = self.work / "http"
-        imported = data.import_legacy_cli(data_dir, legacy.path, p.unclaimed + p.claimed,
-                                          cpus=self.pinning.server)
+        legacy = data.write_legacy(self.work / "legacy.db", p.unclaimed, p.claimed)
+        self.fresh = [row[0] for row in legacy.unclaimed]
+        self.wallet_height = max(row[3] for row in (*legacy.unclaimed, *legacy.claimed)) + 100
+        base = self.work / "base"
+        imported = data.import_legacy(base, legacy, cpus=self.pinning.server)
         self.log(f"  db import-legacy: {imported.rows} rows in {imported.seconds:.1f} s")
-        base = self.work / "base.db"  # pristine copy for the in-process measurements
-        data.copy_database(data_dir / "anon-ticket.db", base)
         self.report["prepared"] = {
             "unclaimed": p.unclaimed, "claimed": p.claimed,
             "loaded_by": "anon-ticket db import-legacy (the operator's path)",
             "import_seconds": round(imported.seconds, 2),
             "import_rows_per_s": round(imported.rows_per_s, 0),
         }
-        return legacy, data_dir, base
+        return legacy, base
 
     # --- HTTP ------------------------------------------------------------------------------
 
-    def _serve(self, data_dir: Path, beside: list[procs.Child] | None = None) -> procs.Child:
-        """The server of the http and websocket sections (started once, warmed up), with
-        `beside` (just spawned) started next to it: all start unpinned, on every core, and
-        are pinned to the server's core once ready."""
-        starting = list(beside or [])
+    def _serve(self, base: Path, beside: list[Ceiling] | None = None) -> ServerProcess:
+        """The server of the http and websocket sections (started once on a copy of `base`,
+        warmed up), with `beside` (just spawned) started next to it: all start unpinned, on
+        every core, and are pinned to the server's core once ready. Its wallet is the fake
+        one, holding nothing, and its poller is paused until the websocket section has the
+        wallet pay."""
+        starting: list[Child] = list(beside or [])
         new_server = self.server is None
         if self.server is None:
-            self.server = procs.spawn_server(data_dir, cpus=None,
-                                             log_path=self.work / "server.log")
+            self.wallet = procs.start_wallet(height=self.wallet_height,
+                                             cpus=self.pinning.generator)
+            self.server = procs.spawn_server(
+                data.copy_data_dir(base, self.work / "http"), cpus=None, log_dir=self.work,
+                wallet_url=self.wallet.url, extra=("--poll-interval-secs", POLL_INTERVAL))
             starting.insert(0, self.server)
         try:
             procs.ready(starting, cpus=self.pinning.server)
+            if new_server:
+                self._synced(self.server)
+                procs.poller(self.server, "pause")
         except BaseException:
-            self.server = None
+            self._stop_server()
             raise
         if new_server:
             self.log(f"server ready in {self.server.ready_s:.2f} s"
@@ -348,32 +383,45 @@ class Bench:
         self._warm_up(starting)
         return self.server
 
+    def _synced(self, server: ServerProcess, timeout: float = 60) -> None:
+        """Wait until the server's poller has scanned up to the fake wallet's height (less
+        the confirmations): from then on it sees only what the wallet adds."""
+        deadline = time.monotonic() + timeout
+        while procs.counter_total(procs.read_metrics(server), LAST_HEIGHT) < (
+                self.wallet_height - procs.MIN_CONFIRMATIONS):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the poller did not reach the wallet's height in {timeout} s")
+            time.sleep(0.02)
+
     def _stop_server(self) -> None:
         if self.server is not None:
             self.server.stop()
             self.server = None
+        if self.wallet is not None:
+            self.wallet.stop()
+            self.wallet = None
 
-    def _warm_up(self, children: list[procs.Child]) -> None:
+    def _warm_up(self, children: Sequence[Child]) -> None:
         """Unknown-PID requests at 16 connections to every new child at once (their first
         requests import and cache what later ones reuse)."""
         if not children:
             return
-        lines = self._file([_body(b) for b in data.pids("unknown", 2000)])
+        lines = self._file([_body(b) for b in data.unknown_pids(2000)])
         with ThreadPoolExecutor(len(children)) as pool:
             for future in [pool.submit(self._drive, child, "POST",
-                                       REDEEM if child is self.server else "/echo",
+                                       "/echo" if isinstance(child, Ceiling) else REDEEM,
                                        lines, 16, self.plan.warmup_s)
                            for child in children]:
                 future.result()
 
-    def http(self, legacy: data.LegacySet, data_dir: Path) -> None:
+    def http(self, legacy: data.LegacySet, base: Path) -> None:
         kinds = ("quart", "raw", *(() if "quart_hop" in self.plan.skip else ("hop",)))
-        ceilings: dict[str, procs.Child] = {}
+        ceilings: dict[str, Ceiling] = {}
         try:
             for kind in kinds:
                 ceilings[kind] = procs.spawn_ceiling(
                     kind, cpus=None, log_path=self.work / f"ceiling-{kind}.log")
-            server = self._serve(data_dir, list(ceilings.values()))
+            server = self._serve(base, list(ceilings.values()))
             self._http_runs(legacy, server, ceilings)
             if self.profile_dir is not None:
                 self._profile(legacy, server, ceilings["quart"])
@@ -381,48 +429,50 @@ class Bench:
             for child in ceilings.values():
                 child.stop()
 
-    def _drive(self, child: procs.Child, method: str, path: str, lines: Path,
+    def _drive(self, child: Child, method: str, path: str, lines: Path,
                connections: int, seconds: int) -> tuple[WrkResult, float]:
-        cpu_before = child.cpu_seconds()
+        cpu_before = procs.cpu_seconds(child.proc.pid)
         result = wrk.run_wrk(child.url, script=self.script, method=method, path=path,
                              lines_file=lines, connections=connections, duration_s=seconds,
                              cpus=self.pinning.generator)
-        return result, child.cpu_seconds() - cpu_before
+        return result, procs.cpu_seconds(child.proc.pid) - cpu_before
 
-    def _drive_server(self, child: procs.Child, socket: Path, method: str, path: str,
+    def _drive_server(self, server: ServerProcess, method: str, path: str,
                       lines: Path, connections: int, seconds: int
                       ) -> tuple[WrkResult, float, str, str]:
         """`_drive` on our server, with its /metrics before and after the run; the run's
-        share of time in the garbage collector goes into `result.extra`."""
-        before = procs.read_metrics(socket)
-        result, cpu = self._drive(child, method, path, lines, connections, seconds)
-        after = procs.read_metrics(socket)
+        share of time in the garbage collector, its stalls and its storage work go into
+        `result.extra`."""
+        before = procs.read_metrics(server)
+        result, cpu = self._drive(server, method, path, lines, connections, seconds)
+        after = procs.read_metrics(server)
         gc_s = procs.counter_total(after, GC_SECONDS) - procs.counter_total(before, GC_SECONDS)
         result.extra["server_gc_share"] = (round(gc_s / result.duration_s, 4)
                                            if result.duration_s else None)
         result.extra["server_events"] = _stall_events(before, after)
+        result.extra["storage"] = _storage_work(before, after)
         return result, cpu, before, after
 
-    def _http_runs(self, legacy: data.LegacySet, server: procs.Child,
-                   ceilings: dict[str, procs.Child]) -> None:
+    def _http_runs(self, legacy: data.LegacySet, server: ServerProcess,
+                   ceilings: dict[str, Ceiling]) -> None:
         p = self.plan
-        negatives = self._file([_body(b) for b in data.pids("unknown", p.negatives)])
+        negatives = self._file([_body(b) for b in data.unknown_pids(p.negatives)])
         invalid = self._file(list(INVALID_BODIES))
-        tokens = self._file([f"/api/v1/token/{data.legacy_token(pid).hex()}"
-                             for pid in legacy.claimed[:p.tokens]])
-        socket = server.data_dir / "internal.sock" if server.data_dir else None
+        tokens = self._file([f"/api/v1/token/{data.legacy_token(row).hex()}"
+                             for row in legacy.claimed[:p.tokens]])
         ceiling_of = {"quart_ceiling": ceilings["quart"], "raw_asgi_ceiling": ceilings["raw"]}
         if "hop" in ceilings:
             ceiling_of["quart_hop"] = ceilings["hop"]
 
-        uncached = list(legacy.claimed[p.tokens:]) or list(legacy.claimed)
+        claimed = [row[0] for row in legacy.claimed]
+        uncached = claimed[p.tokens:] or list(claimed)
         rate_guess: dict[int, float] = {}
         cells: dict[str, dict[int, Cell]] = {k: {} for k in report.SCENARIOS}
         batches: dict[str, dict[int, dict[str, float]]] = {}
         recent: list[bytes] = []
 
         def setup(scenario: str, level: int, seconds: int
-                  ) -> tuple[procs.Child, str, str, Path, list[bytes]]:
+                  ) -> tuple[Child, str, str, Path, list[bytes]]:
             """Server, method, path and request lines of one run (fresh ones where needed)."""
             guess = rate_guess.get(level, 1500.0 if level == 1 else 3000.0)
             if scenario in ceiling_of:
@@ -435,7 +485,7 @@ class Bench:
             if scenario == "already_claimed_uncached":
                 take = uncached[:int(guess * seconds * 1.5) + level]
                 del uncached[:len(take)]
-                lines = self._file([_body(b) for b in take or legacy.claimed])
+                lines = self._file([_body(b) for b in take or claimed])
                 return server, "POST", REDEEM, lines, take
             if scenario == "bloom_negative":
                 return server, "POST", REDEEM, negatives, []
@@ -466,9 +516,9 @@ class Bench:
                     best: tuple[WrkResult, float] | None = None
                     for attempt in range(1 + p.retries):
                         child, method, path, lines, take = setup(scenario, level, seconds)
-                        if socket is not None and child is server:
+                        if child is server:
                             result, cpu, before, after = self._drive_server(
-                                child, socket, method, path, lines, level, seconds)
+                                server, method, path, lines, level, seconds)
                             acc = batches.setdefault(scenario, {}).setdefault(level, {})
                             for k, v in procs.histogram_delta(
                                     procs.histogram(before, BATCHES),
@@ -577,8 +627,8 @@ class Bench:
 
     # --- profile ---------------------------------------------------------------------------
 
-    def _profile(self, legacy: data.LegacySet, server: procs.Child,
-                 quart: procs.Child) -> None:
+    def _profile(self, legacy: data.LegacySet, server: ServerProcess,
+                 quart: Ceiling) -> None:
         """py-spy on the server (and on the quart-trio ceiling, for comparison) at the target
         connection level; each layer's share turned into CPU microseconds per request with the
         unprofiled CPU cost of the same scenario measured above."""
@@ -590,9 +640,9 @@ class Bench:
         p = self.plan
         runs: dict[str, Any] = {}
         fresh = self._take_fresh(1500 * p.profile_s)
-        negatives = [_body(b) for b in data.pids("unknown", 2000)]
+        negatives = [_body(b) for b in data.unknown_pids(2000)]
         # name: (child, method, path, make the lines)
-        scenarios: dict[str, tuple[procs.Child, str, str, Callable[[], Path]]] = {
+        scenarios: dict[str, tuple[Child, str, str, Callable[[], Path]]] = {
             "quart_ceiling": (quart, "POST", "/echo", lambda: self._file(negatives)),
             "new_claims": (server, "POST", REDEEM,
                            lambda: self._file([_body(b) for b in fresh])),
@@ -601,14 +651,14 @@ class Bench:
             "bloom_negative": (server, "POST", REDEEM, lambda: self._file(negatives)),
             "invalid_pid": (server, "POST", REDEEM, lambda: self._file(list(INVALID_BODIES))),
             "token": (server, "GET", "", lambda: self._file(
-                [f"/api/v1/token/{data.legacy_token(pid).hex()}"
-                 for pid in legacy.claimed[:2000]])),
+                [f"/api/v1/token/{data.legacy_token(row).hex()}"
+                 for row in legacy.claimed[:2000]])),
         }
         cells = self.report.get("http", {}).get("scenarios", {})
         for name, (child, method, path, make) in scenarios.items():
             lines = make()
             out = self.profile_dir / f"{name}.collapsed.txt"
-            spy = profiling.record(child.pid, out, seconds=max(1, p.profile_s - 2))
+            spy = profiling.record(child.proc.pid, out, seconds=max(1, p.profile_s - 2))
             result, _ = self._drive(child, method, path, lines, report.TARGET_LEVEL,
                                     p.profile_s)
             _, err = spy.communicate(timeout=60)
@@ -635,22 +685,19 @@ class Bench:
 
     # --- websocket ---------------------------------------------------------------------------
 
-    def websocket(self, data_dir: Path) -> None:
+    def websocket(self, base: Path) -> None:
         """The server's RSS per idle subscriber (and after they leave), then new-claim
         throughput at the target level without and with idle subscribers (alternating runs,
         same server), then claim → `claimed` event latency with the idle subscribers still
-        connected."""
+        connected; then the same throughput with one watcher that stopped reading against
+        one that reads, while the wallet tops their ticket up."""
         p = self.plan
         level, seconds = report.TARGET_LEVEL, p.seconds[report.TARGET_LEVEL]
-        server = self._serve(data_dir)
+        server = self._serve(base)
         memory = self._watcher_memory(server)  # first: no watcher has been here before
         cells = {"none": Cell(), "idle": Cell()}
-        socket = data_dir / "internal.sock"
         loads: list[dict[str, Any]] = []
         fanout: dict[str, Any] | None = None
-        # fresh PIDs a run needs: the new-claims rate measured so far (HTTP section), with room
-        guess = max((c["rps"] for c in self.report.get("http", {}).get("scenarios", {})
-                     .get("new_claims", {}).values()), default=1500.0)
         # none, idle, idle, none, ...: a drift over the run (the database and the heap
         # grow with every claim) falls on both sides alike; back-to-back idle runs share
         # one subscriber process (1,000 connections take seconds to open).
@@ -660,7 +707,7 @@ class Bench:
         try:
             for i, mode in enumerate(modes):
                 if mode == "none" and watch is not None:
-                    loads[-1].update(watch.quit())
+                    loads[-1].update(watch.quit_load())
                     watch = None
                 if mode == "idle" and watch is None:
                     fan = self._take_fresh(p.ws_fanout) if fanout is None else []
@@ -669,13 +716,7 @@ class Bench:
                     watch = procs.start_watchload(server.url, p.ws_idle, fan_file,
                                                   cpus=self.pinning.generator)
                     loads.append(watch.ready)
-                take = self._take_fresh(int(guess * seconds * 1.5) + level + 100)
-                lines = self._file([_body(b) for b in take])
-                result, cpu, _, _ = self._drive_server(server, socket, "POST", REDEEM, lines,
-                                                       level, seconds)
-                guess = max(guess, result.rps)
-                if result.count_of(EXPECTED["new_claims"]) < 0.99 * result.requests:
-                    self.log(f"  warning: {result.counts} (fresh PIDs ran out?)")
+                result, cpu = self._new_claims(server, level, seconds)
                 cells[mode].runs.append(result)
                 cells[mode].server_cpu.append(cpu)
                 self.log(f"  new claims c={level}, {p.ws_idle if watch else 0:>4} idle "
@@ -691,7 +732,7 @@ class Bench:
                              f"p99 {f['p99']} ms")
         finally:
             if watch is not None:
-                loads[-1].update(watch.quit())
+                loads[-1].update(watch.quit_load())
         none = cells["none"].summary(EXPECTED["new_claims"])
         idle = cells["idle"].summary(EXPECTED["new_claims"])
         out: dict[str, Any] = {
@@ -720,9 +761,95 @@ class Bench:
         if nc and ic:
             out["cpu_ratio_idle_to_none"] = round(nc / ic, 3)
         out.update(memory)
+        if p.ws_stuck_reps:
+            out["stuck_watcher"] = self._stuck_watcher(server, level, seconds)
         self.report["websocket"] = out
 
-    def _watcher_memory(self, server: procs.Child) -> dict[str, Any]:
+    def _new_claims(self, server: ServerProcess, level: int, seconds: int
+                    ) -> tuple[WrkResult, float]:
+        """One wrk run of fresh-PID redeems (as many as the fastest new-claims run so far,
+        with room) on `server`; (the run, the server's CPU seconds over it)."""
+        guess = max((c["rps"] for c in self.report.get("http", {}).get("scenarios", {})
+                     .get("new_claims", {}).values()), default=1500.0)
+        guess = max(guess, self._claims_rate)
+        take = self._take_fresh(int(guess * seconds * 1.5) + level + 100)
+        lines = self._file([_body(b) for b in take])
+        result, cpu, _, _ = self._drive_server(server, "POST", REDEEM, lines, level, seconds)
+        self._claims_rate = max(self._claims_rate, result.rps)
+        if result.count_of(EXPECTED["new_claims"]) < 0.99 * result.requests:
+            self.log(f"  warning: {result.counts} (fresh PIDs ran out?)")
+        return result, cpu
+
+    def _stuck_watcher(self, server: ServerProcess, level: int, seconds: int
+                       ) -> dict[str, Any]:
+        """New-claim throughput with one watcher that stopped reading against one that reads
+        (alternating runs), both subscribed to a ticket the wallet tops up `ws_pump` times a
+        poller tick (about 200 committed events a second for it at 10): what a stuck
+        client's blocked connection costs the rest (a writer that spun on its full socket
+        would take the server's core). Each watcher opens `ws_stuck_settle_s` before its run;
+        the stuck one fills the kernel's buffers and then waits on them, until its queue of
+        events or the send timeout runs out and the server drops it."""
+        p = self.plan
+        assert self.wallet is not None
+        busy = data.random_pid().hex()
+        self.wallet.command(f"pump {busy} {p.ws_pump}", "ok")
+        procs.poller(server, "resume")
+        empty = self.work / "fanout-stuck.txt"
+        empty.write_text("")
+        load = procs.start_watchload(server.url, 0, empty, cpus=self.pinning.generator)
+        cells = {"reading": Cell(), "stuck": Cell()}
+        fates: list[dict[str, Any]] = []
+        before = procs.read_metrics(server)
+        try:
+            modes = [m for rep in range(p.ws_stuck_reps)
+                     for m in (("reading", "stuck") if rep % 2 == 0 else ("stuck", "reading"))]
+            for mode in modes:
+                load.command(f"watch {mode} {busy}", "watching")
+                time.sleep(p.ws_stuck_settle_s)
+                result, cpu = self._new_claims(server, level, seconds)
+                fate = load.command("unwatch", "unwatched", timeout=60)
+                fates.append(fate)
+                cells[mode].runs.append(result)
+                cells[mode].server_cpu.append(cpu)
+                self.log(f"  new claims c={level}, a watcher {mode:<7}: {result.rps:7.0f} "
+                         f"req/s  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  "
+                         f"server cpu {cpu / result.duration_s:.0%}; "
+                         + ", ".join(f"{k} {v}" for k, v in fate.items() if k != "mode"))
+        finally:
+            after = procs.read_metrics(server)
+            load.quit_load()
+            procs.poller(server, "pause")
+            self.wallet.command("stop", "ok")
+        reading = cells["reading"].summary(EXPECTED["new_claims"])
+        stuck = cells["stuck"].summary(EXPECTED["new_claims"])
+        def delta(name: str, label: str) -> int:
+            return round(procs.counter_by_label(after, name).get(label, 0.0)
+                         - procs.counter_by_label(before, name).get(label, 0.0))
+
+        out: dict[str, Any] = {
+            "runs_each": p.ws_stuck_reps, "connections": level, "seconds_per_run": seconds,
+            "new_claims_reading_watcher": reading, "new_claims_stuck_watcher": stuck,
+            "ratio_stuck_to_reading": median_ratio([r.rps for r in cells["stuck"].runs],
+                                                   [r.rps for r in cells["reading"].runs]),
+            "top_ups_credited": delta(INGESTED, "credited"),
+            "slow_watchers_dropped": delta(ALERTS, "slow_watcher"), "watchers": fates,
+            "note": ("one ticket topped up by the fake wallet every poller tick (0.05 s), "
+                     f"{p.ws_pump} transfers a tick, each a committed event for its watchers; "
+                     "one watcher of it opened before each run: `reading` reads every event, "
+                     "`stuck` never reads after its subscribe (a 4 KB receive buffer), so "
+                     "the server's writer for it fills the kernel's buffers and then waits; "
+                     "ratio_stuck_to_reading: the median over reps of each stuck run's req/s "
+                     "over the reading run beside it; watchers: what became of each when the "
+                     "run ended (a stuck one is dropped as slow, the `slow_watcher` alert, once "
+                     "its queue of events or the send timeout runs out; closed_by_server: its "
+                     "connection was closed, with close_code if a close frame got through)"),
+        }
+        rc, sc = reading.get("server_cpu_us_per_req"), stuck.get("server_cpu_us_per_req")
+        if rc and sc:
+            out["cpu_ratio_stuck_to_reading"] = round(rc / sc, 3)
+        return out
+
+    def _watcher_memory(self, server: ServerProcess) -> dict[str, Any]:
         """The server's RSS before, with `ws_idle` idle subscribers connected and after they
         left, for a few rounds in a row: what a watcher costs, and whether leaving gives it
         back (an outside run's 10,000 watchers took 620 MB and kept it after they left: their
@@ -739,7 +866,7 @@ class Bench:
             watch = procs.start_watchload(server.url, p.ws_idle, empty,
                                           cpus=self.pinning.generator)
             with_watchers = _rss_mb(server)
-            watch.quit()
+            watch.quit_load()
             after = _settled_rss_mb(server)
             rounds.append({"before_mb": before, "with_watchers_mb": with_watchers,
                            "after_leave_mb": after,
@@ -764,127 +891,240 @@ class Bench:
                          "round to round"),
         }
 
-    # --- in-process ------------------------------------------------------------------------
+    # --- storage -----------------------------------------------------------------------------
 
     def storage(self, legacy: data.LegacySet, base: Path) -> None:
+        """Group commit against one transaction a claim, on the real server: two servers on
+        copies of the prepared data, one with the default batch limit and one with
+        `--batch-limit 1`, driven alike (fresh-PID redeems at the target level, alternating
+        runs). Storage's own rate is claims per second of its transactions, as the server
+        times them (first statement to COMMIT, /metrics); the floor runs the same claim
+        statements on a bare connection, as many a transaction as the server's mean batch,
+        and one a transaction."""
         p = self.plan
-        pids = legacy.unclaimed[-p.storage_claims:]
-        runs: dict[str, list[inproc.ClaimRun]] = {k: [] for k in
-                                                  ("group_commit", "one_per_tx", "raw_batched",
-                                                   "raw_one_per_tx")}
-        with _affinity(self.pinning.server):
+        level, seconds = report.TARGET_LEVEL, p.seconds[report.TARGET_LEVEL]
+        servers = {
+            "group_commit": procs.spawn_server(
+                data.copy_data_dir(base, self.work / "storage-group"), cpus=None,
+                log_dir=self.work),
+            "one_per_tx": procs.spawn_server(
+                data.copy_data_dir(base, self.work / "storage-one"), cpus=None,
+                log_dir=self.work, extra=("--batch-limit", "1")),
+        }
+        cells = {k: Cell() for k in servers}
+        # each server has its own copy of the prepared data: every imported payment is
+        # unclaimed there, whatever the shared server claimed
+        pools = {k: [row[0] for row in legacy.unclaimed] for k in servers}
+        work: dict[str, list[dict[str, float]]] = {k: [] for k in servers}
+        batches: dict[str, dict[str, float]] = {k: {} for k in servers}
+        try:
+            procs.ready(list(servers.values()), cpus=self.pinning.server)
+            self._warm_up(list(servers.values()))
             for rep in range(p.storage_reps):
-                for variant in runs:
-                    db = self.work / "storage" / f"{variant}-{rep}.db"
-                    data.copy_database(base, db)
-                    if variant == "group_commit":
-                        run = inproc.storage_claims(db, pids, concurrency=p.storage_concurrency,
-                                                    batch_limit=256)
-                    elif variant == "one_per_tx":
-                        run = inproc.storage_claims(db, pids, concurrency=p.storage_concurrency,
-                                                    batch_limit=1)
-                    elif variant == "raw_batched":
-                        run = inproc.raw_claims(db, pids, per_tx=64)
-                    else:
-                        run = inproc.raw_claims(db, pids, per_tx=1)
-                    runs[variant].append(run)
-                    for suffix in ("", "-wal", "-shm"):
-                        Path(f"{db}{suffix}").unlink(missing_ok=True)
-                    self.log(f"  storage {variant:<15} rep {rep + 1}: {run.per_cpu_s:8.0f} "
-                             f"claims/cpu-s {run.per_s:8.0f} claims/s  {run.outcomes}")
-        out: dict[str, Any] = {"claims": len(pids), "concurrency": p.storage_concurrency,
+                order = list(servers) if rep % 2 == 0 else list(reversed(servers))
+                for variant in order:
+                    result, cpu, before, after = self._claims_on(servers[variant],
+                                                                 pools[variant], level, seconds)
+                    cells[variant].runs.append(result)
+                    cells[variant].server_cpu.append(cpu)
+                    work[variant].append(result.extra["storage"])
+                    for k, v in procs.histogram_delta(procs.histogram(before, BATCHES),
+                                                      procs.histogram(after, BATCHES)).items():
+                        batches[variant][k] = batches[variant].get(k, 0.0) + v
+                    st = result.extra["storage"]
+                    claims = result.count_of(EXPECTED["new_claims"])
+                    self.log(f"  storage {variant:<12} rep {rep + 1}: {result.rps:7.0f} req/s, "
+                             f"{claims / st['seconds'] if st['seconds'] else 0:8.0f} claims per "
+                             f"second of storage transactions, mean batch "
+                             f"{claims / st['transactions'] if st['transactions'] else 0:.1f}")
+        finally:
+            for server in servers.values():
+                server.stop()
+        out: dict[str, Any] = {"connections": level, "seconds_per_run": seconds,
                                "tickets": p.unclaimed + p.claimed,
                                "repetitions": p.storage_reps}
-        for variant, vruns in runs.items():
-            rates = [r.per_cpu_s for r in vruns]
+        for variant in servers:
+            done = [r.count_of(EXPECTED["new_claims"]) for r in cells[variant].runs]
+            rates = [c / w["seconds"] if w["seconds"] else 0.0
+                     for c, w in zip(done, work[variant], strict=True)]
             rate = statistics.median(rates)
-            wall = statistics.median([r.per_s for r in vruns])
-            entry: dict[str, Any] = {
-                "claims_per_s": round(rate, 0), "runs": [round(x, 0) for x in rates],
-                "claims_per_wall_s": round(wall, 0),
-                "wall_runs": [round(r.per_s, 0) for r in vruns],
+            summary = cells[variant].summary(EXPECTED["new_claims"])
+            dist = procs.bucket_distribution(batches[variant])
+            out[variant] = {
+                "claims_per_tx_s": round(rate, 0), "runs": [round(x, 0) for x in rates],
                 "us_per_claim": round(1e6 / rate, 2) if rate else None,
-                "outcomes": _merge([r.outcomes for r in vruns]),
+                "mean_batch": dist["mean_batch"], "batch_buckets": dist["buckets"],
+                "rps": summary["rps"],
+                "server_cpu_us_per_req": summary["server_cpu_us_per_req"],
+                "claims": sum(done),
             }
-            last = vruns[-1]
-            if last.gc is not None:
-                entry["gc"] = last.gc.as_dict(last.seconds)
-            if vruns[0].batches:
-                dist = procs.bucket_distribution(vruns[-1].batches)
-                entry["mean_batch"] = dist["mean_batch"]
-                entry["batch_buckets"] = dist["buckets"]
-            else:
-                entry["mean_batch"] = float(vruns[0].batch_limit)
-            out[variant] = entry
-        g = out["group_commit"]["claims_per_s"]
-        out["group_commit_to_raw_batched"] = round(g / out["raw_batched"]["claims_per_s"], 3)
-        out["group_commit_to_one_per_tx"] = round(g / out["one_per_tx"]["claims_per_s"], 3)
-        gw = out["group_commit"]["claims_per_wall_s"]
-        out["wall_group_commit_to_raw_batched"] = round(
-            gw / out["raw_batched"]["claims_per_wall_s"], 3)
-        out["wall_group_commit_to_one_per_tx"] = round(
-            gw / out["one_per_tx"]["claims_per_wall_s"], 3)
-        out["rate_basis"] = ("claims_per_s = claims per CPU second of the benchmark process "
-                             "(the rate on a core of its own: the machine is shared); "
-                             "claims_per_wall_s beside it")
-        out["note"] = ("claims asked straight of the storage actor's mailbox (no HTTP, no filter "
-                       "lookup), the real filter (and hub) running; raw APSW runs the same "
-                       "statements on a bare connection, without actor or messages")
+        mean = out["group_commit"]["mean_batch"] or 1.0
+        per_tx = max(1, round(mean))
+        pids = [row[0] for row in legacy.unclaimed[-p.floor_claims:]]
+        for variant, size in (("raw_batched", per_tx), ("raw_one_per_tx", 1)):
+            db = data.copy_data_dir(base, self.work / f"floor-{variant}") / "anon-ticket.db"
+            with _affinity(self.pinning.server):
+                run = floor.claims(db, pids, per_tx=size)
+            shutil.rmtree(db.parent, ignore_errors=True)
+            out[variant] = {
+                "claims_per_tx_s": round(run.per_tx_s, 0),
+                "us_per_claim": round(1e6 / run.per_tx_s, 2) if run.per_tx_s else None,
+                "claims_per_cpu_s": round(run.per_cpu_s, 0), "mean_batch": float(size),
+                "outcomes": run.outcomes, "claims": run.items,
+            }
+            self.log(f"  storage {variant:<14}: {run.per_tx_s:8.0f} claims per second of "
+                     f"transactions ({size} a transaction)  {run.outcomes}")
+        g = out["group_commit"]["claims_per_tx_s"]
+        out["group_commit_to_raw_batched"] = (round(g / out["raw_batched"]["claims_per_tx_s"], 3)
+                                              if out["raw_batched"]["claims_per_tx_s"] else None)
+        out["group_commit_to_one_per_tx"] = (round(g / out["one_per_tx"]["claims_per_tx_s"], 3)
+                                             if out["one_per_tx"]["claims_per_tx_s"] else None)
+        gc_, oc = (out[k]["server_cpu_us_per_req"] for k in ("group_commit", "one_per_tx"))
+        out["server_cpu_group_commit_to_one_per_tx"] = round(oc / gc_, 3) if gc_ and oc else None
+        out["rate_basis"] = ("claims_per_tx_s = claims per second of storage transactions "
+                             "(first statement to COMMIT), as the server times them on /metrics "
+                             "and as the floor times its own")
+        out["note"] = ("two servers on copies of the prepared data, the default batch limit "
+                       "and --batch-limit 1, driven by the same fresh-PID redeems over HTTP "
+                       "(alternating runs); raw: the storage actor's claim statements on a "
+                       "bare connection, the group-commit server's mean batch a transaction "
+                       "and one a transaction; server_cpu_us_per_req: the whole server's CPU "
+                       "per redeem")
         self.report["storage"] = out
 
+    def _claims_on(self, server: ServerProcess, pool: list[bytes], level: int, seconds: int
+                   ) -> tuple[WrkResult, float, str, str]:
+        """A fresh-PID redeem run on a server of the storage section (its PIDs from `pool`)."""
+        want = int((self._claims_rate or 1500.0) * seconds * 1.5) + level
+        take = pool[:want]
+        del pool[:want]
+        lines = self._file([_body(b) for b in take])
+        out = self._drive_server(server, "POST", REDEEM, lines, level, seconds)
+        self._claims_rate = max(self._claims_rate, out[0].rps)
+        return out
+
+    # --- ingestion -----------------------------------------------------------------------------
+
     def ingestion(self, base: Path) -> None:
+        """A catch-up from the wallet: a server on a copy of the prepared data, its poller
+        paused while the fake wallet (holding `ingest_transfers` new payments, 10 a block)
+        raises its height over all of them, then resumed; timed until the poller's height
+        (/metrics) reaches the last of them. The floor: the storage actor's crediting
+        statements on a bare connection, in as many transactions as the server used."""
         p = self.plan
-        transfers = inproc.make_transfers(p.ingest_transfers, first_height=10_000_000,
-                                          per_block=10)
-        # Ours and the bare-SQL floor alternate, each on a fresh copy of the same database;
-        # the better run of each side counts (the one least disturbed on a shared machine).
-        ours: list[inproc.IngestRun] = []
-        raw: list[inproc.IngestRun] = []
+        ours: list[dict[str, Any]] = []
+        raw: list[floor.FloorRun] = []
         for rep in range(p.ingest_reps):
-            for side, runs, fn in (("ours", ours, inproc.ingest),
-                                   ("raw", raw, inproc.raw_ingest)):
-                db = self.work / f"ingest-{side}-{rep}" / "anon-ticket.db"
-                data.copy_database(base, db)
-                with _affinity(self.pinning.server):
-                    runs.append(fn(db, transfers))
-                shutil.rmtree(db.parent, ignore_errors=True)
-        run = max(ours, key=lambda r: r.per_cpu_s)
-        floor = max(raw, key=lambda r: r.per_cpu_s)
+            run, transfers = self._catch_up(base, rep)
+            ours.append(run)
+            per_tx = max(1, math.ceil(run["transfers"] / max(1.0, run["transactions"])))
+            db = data.copy_data_dir(base, self.work / f"floor-ingest-{rep}") / "anon-ticket.db"
+            with _affinity(self.pinning.server):
+                raw.append(floor.ingest(db, transfers, per_tx=per_tx))
+            shutil.rmtree(db.parent, ignore_errors=True)
+            self.log(f"  ingestion rep {rep + 1}: {run['per_cpu_s']:.0f} transfers per server "
+                     f"CPU second, {run['per_wall_s']:.0f} per wall second, "
+                     f"{run['per_tx_s']:.0f} per second of storage transactions; bare SQL "
+                     f"{raw[-1].per_tx_s:.0f} per second of transactions ({per_tx} a "
+                     "transaction)")
+        # the better run of each side counts (the one least disturbed on a shared machine)
+        run = max(ours, key=lambda r: float(r["per_cpu_s"]))
+        bare = max(raw, key=lambda r: r.per_tx_s)
         # The 20k target was set on a machine whose quart-trio ceiling costs about 600 CPU us a
         # request; this run's ceiling says how fast this core is today.
         cell = report.cell_at(self.report, "quart_ceiling", report.TARGET_LEVEL) or {}
         ceiling = cell.get("server_cpu_us_per_req")
-        scaled = run.per_cpu_s * ceiling / report.REFERENCE_CEILING_CPU_US if ceiling else None
-        self.log(f"  ingestion: {run.per_cpu_s:.0f} transfers per CPU second, "
-                 f"{run.per_s:.0f} per wall second ({run.messages} messages); "
-                 f"bare SQL {floor.per_cpu_s:.0f}")
+        scaled = run["per_cpu_s"] * ceiling / report.REFERENCE_CEILING_CPU_US if ceiling \
+            else None
         self.report["ingestion"] = {
-            "runs_per_cpu_s": [round(r.per_cpu_s) for r in ours],
-            "raw_sql_per_cpu_s": round(floor.per_cpu_s, 0),
-            "raw_sql_runs_per_cpu_s": [round(r.per_cpu_s) for r in raw],
-            "vs_raw_sql": round(run.per_cpu_s / floor.per_cpu_s, 3) if floor.per_cpu_s else None,
+            "transfers_per_s": round(run["per_cpu_s"], 0),
+            "transfers_per_wall_s": round(run["per_wall_s"], 0),
+            "runs_per_cpu_s": [round(r["per_cpu_s"]) for r in ours],
+            "storage_per_tx_s": round(run["per_tx_s"], 0),
+            "raw_sql_per_tx_s": round(bare.per_tx_s, 0),
+            "raw_sql_per_cpu_s": round(bare.per_cpu_s, 0),
+            "raw_sql_runs_per_tx_s": [round(r.per_tx_s) for r in raw],
+            "vs_raw_sql": round(run["per_tx_s"] / bare.per_tx_s, 3) if bare.per_tx_s else None,
             "ceiling_cpu_us_per_req": ceiling,
             "scaled_to_reference_per_cpu_s": round(scaled) if scaled else None,
-            "scaled_note": ("transfers per CPU second x (this run's quart-trio ceiling CPU us "
-                            f"a request / {report.REFERENCE_CEILING_CPU_US}, the reference "
-                            "machine's): "
-                            "the rate on a core as fast as the one the target was set on; "
-                            "None when the http section did not run"),
-            "raw_sql_note": ("the same crediting statements and chunks on a bare connection, "
-                             "one transaction per message: no actor, events or Bloom filter"),
-            "transfers": run.transfers, "messages": run.messages,
-            "seconds": round(run.seconds, 3), "cpu_seconds": round(run.cpu_seconds, 3),
-            "transfers_per_s": round(run.per_cpu_s, 0),
-            "transfers_per_wall_s": round(run.per_s, 0),
-            "rate_basis": "transfers per CPU second of the benchmark process (wall beside it)",
-            "credited": run.credited, "new_pids": run.new_pids, "cursor": run.cursor,
-            "gc": run.gc.as_dict(run.seconds) if run.gc else None,
-            "per_message": inproc.CHUNK_TRANSFERS, "transfers_per_block": 10,
-            "window_blocks": 1000, "existing_tickets": p.unclaimed + p.claimed,
-            "path": ("RecordTransfers chunks from the poller's chunks_at_block_boundaries, "
-                     "each with its cursor, asked in turn; new PIDs go through the filter's "
-                     "acknowledgement; committed events to the hub"),
+            "scaled_note": ("transfers per server CPU second x (this run's quart-trio ceiling "
+                            f"CPU us a request / {report.REFERENCE_CEILING_CPU_US}, the "
+                            "reference machine's): the rate on a core as fast as the one the "
+                            "target was set on; None when the http section did not run"),
+            "raw_sql_note": ("the storage actor's crediting statements on a bare connection, "
+                             "in as many transactions as the server used (each ending on a "
+                             "whole block, with the cursor): no server, actor, events or "
+                             "Bloom filter; vs_raw_sql = the server's storage transactions "
+                             "(their own timing, /metrics) over these, per second of "
+                             "transaction time"),
+            "transfers": run["transfers"], "messages": round(run["transactions"]),
+            "credited": round(run["credited"]),
+            "seconds": round(run["seconds"], 3), "cpu_seconds": round(run["cpu_seconds"], 3),
+            "server_gc_share": run["gc_share"],
+            "transfers_per_block": data.PER_BLOCK,
+            "existing_tickets": p.unclaimed + p.claimed,
+            "rate_basis": ("transfers per CPU second of the server process (its whole catch-up: "
+                           "wallet calls, parsing, poller, storage, filter, events); wall "
+                           "beside it"),
+            "path": ("the server's poller catching up from the fake wallet-rpc (get_transfers "
+                     "by height windows), split at block boundaries into storage "
+                     "transactions; new PIDs through the filter; committed events to the hub"),
         }
+
+    def _catch_up(self, base: Path, rep: int
+                  ) -> tuple[dict[str, Any], list[floor.Transfer]]:
+        p = self.plan
+        wallet = procs.start_wallet(height=self.wallet_height, cpus=self.pinning.generator)
+        server = procs.spawn_server(
+            data.copy_data_dir(base, self.work / f"ingest-{rep}"), cpus=None,
+            log_dir=self.work, wallet_url=wallet.url,
+            extra=("--poll-interval-secs", POLL_INTERVAL))
+        try:
+            procs.ready([server], cpus=self.pinning.server)
+            self._synced(server)
+            procs.poller(server, "pause")
+            first = self.wallet_height + 1
+            transfers: list[floor.Transfer] = [
+                (os.urandom(32), data.random_pid(), data.AMOUNT, first + i // data.PER_BLOCK)
+                for i in range(p.ingest_transfers)]
+            top = transfers[-1][3]
+            path = self.work / f"transfers-{rep}.txt"
+            with open(path, "w") as f:
+                for txid, pid, amount, height in transfers:
+                    f.write(f"{txid.hex()} {pid.hex()} {amount} {height}\n")
+            wallet.command(f"load {path}", "ok", timeout=120)
+            wallet.command(f"height {top + procs.MIN_CONFIRMATIONS}", "ok")
+            before = procs.read_metrics(server)
+            cpu = procs.cpu_seconds(server.proc.pid)
+            started = time.perf_counter()
+            procs.poller(server, "resume")
+            deadline = started + 600
+            while True:
+                text = procs.read_metrics(server)
+                if procs.counter_total(text, LAST_HEIGHT) >= top:
+                    break
+                if time.perf_counter() > deadline:
+                    raise RuntimeError(f"the catch-up did not reach {top} in 600 s")
+                time.sleep(0.02)
+            seconds = time.perf_counter() - started
+            cpu = procs.cpu_seconds(server.proc.pid) - cpu
+            work = _storage_work(before, text)
+            credited = (procs.counter_by_label(text, INGESTED).get("credited", 0.0)
+                        - procs.counter_by_label(before, INGESTED).get("credited", 0.0))
+            gc_s = procs.counter_total(text, GC_SECONDS) - procs.counter_total(before,
+                                                                               GC_SECONDS)
+        finally:
+            server.stop()
+            wallet.stop()
+        shutil.rmtree(self.work / f"ingest-{rep}", ignore_errors=True)
+        n = len(transfers)
+        return {
+            "transfers": n, "credited": credited, "seconds": seconds, "cpu_seconds": cpu,
+            "per_cpu_s": n / cpu if cpu else 0.0, "per_wall_s": n / seconds,
+            "transactions": work["transactions"],
+            "per_tx_s": n / work["seconds"] if work["seconds"] else 0.0,
+            "gc_share": round(gc_s / seconds, 4) if seconds else None,
+        }, transfers
 
     # --- memory and start-up ------------------------------------------------------------------
 
@@ -892,44 +1132,44 @@ class Bench:
         p = self.plan
         data_dir = self.work / "big"
         data_dir.mkdir(parents=True, exist_ok=True)
-        db = data_dir / "anon-ticket.db"
         load: dict[str, Any] = {}
         if p.big_via_import:
             self.log(f"memory: writing a legacy database of {p.big_pids} payments")
-            legacy = data.write_legacy(self.work / "legacy-big.db",
-                                       data.pids("big", p.big_pids), [])
-            imported = data.import_legacy_cli(data_dir, legacy.path, p.big_pids,
-                                              cpus=self.pinning.server)
+            legacy = data.write_legacy(self.work / "legacy-big.db", p.big_pids, 0)
+            imported = data.import_legacy(data_dir, legacy, cpus=self.pinning.server)
             legacy.path.unlink(missing_ok=True)
             load = {"loaded_by": "anon-ticket db import-legacy (the operator's path)",
                     "load_seconds": round(imported.seconds, 1),
                     "load_rows_per_s": round(imported.rows_per_s, 0)}
         else:
-            seconds = data.bulk_load(db, p.big_pids)
+            seconds = data.bulk_load(data_dir / "anon-ticket.db", p.big_pids)
             load = {"loaded_by": "bulk SQL into our schema (--quick: db import-legacy would "
                                  "take most of the minute by itself)",
                     "load_seconds": round(seconds, 1),
                     "load_rows_per_s": round(p.big_pids / seconds, 0)}
         self.log(f"  loaded {p.big_pids} PIDs in {load['load_seconds']} s "
                  f"({load['loaded_by']})")
-        recorded = data.count_tickets(db)
+        recorded: int | None = None
         ready: list[float] = []
         rss: list[int] = []
         peak: list[int] = []
         prewarm: list[float] = []
         for i in range(p.startup_runs):
-            log_path = self.work / f"server-big-{i}.log"
-            server = procs.start_server(data_dir, cpus=self.pinning.server, log_path=log_path,
-                                        bloom_entries=1_000_000, fp_rate=1e-6)
+            server = procs.spawn_server(data_dir, cpus=self.pinning.server,
+                                        log_dir=self.work, bloom_entries=1_000_000,
+                                        fp_rate=1e-6)
             try:
+                server.wait_ready(120, interval=0.01)
                 assert server.ready_s is not None
                 ready.append(server.ready_s)
-                mem = server.memory_kib()
+                mem = procs.memory_kib(server.proc.pid)
                 rss.append(mem["VmRSS"])
                 peak.append(mem["VmHWM"])
+                if recorded is None:
+                    recorded = int(procs.status(server)["storage"]["tickets"])
             finally:
                 server.stop()
-            m = re.search(r'"bloom filter ready".*?seconds=([0-9.]+)', log_path.read_text())
+            m = re.search(r'"bloom filter ready".*?seconds=([0-9.]+)', server.log())
             if m:
                 prewarm.append(float(m.group(1)))
             self.log(f"  start {i + 1}: ready {ready[-1]:.2f} s, RSS {rss[-1] / 1024:.1f} MiB")
@@ -943,7 +1183,8 @@ class Bench:
             "rss_mib": round(statistics.median(rss) / 1024, 1),
             "peak_mb": round(max(peak) * 1024 / 1e6, 1),
             "note": "ready: from spawning `python -m anon_ticket ... serve` to the first 200 "
-                    "from /healthz; RSS (VmRSS) right then, peak = VmHWM",
+                    "from /healthz; RSS (VmRSS) right then, peak = VmHWM; recorded PIDs: "
+                    "/admin/status",
         }
 
     # --- the whole run ------------------------------------------------------------------------
@@ -965,11 +1206,11 @@ class Bench:
         }
         timings = self.report["meta"]["section_seconds"] = {}
         mark = time.perf_counter()
-        legacy, data_dir, base = self.prepare()
+        legacy, base = self.prepare()
         timings["prepare"] = round(time.perf_counter() - mark, 1)
         sections: dict[str, Callable[[], None]] = {
-            "http": lambda: self.http(legacy, data_dir),
-            "websocket": lambda: self.websocket(data_dir),
+            "http": lambda: self.http(legacy, base),
+            "websocket": lambda: self.websocket(base),
             "storage": lambda: self.storage(legacy, base),
             "ingestion": lambda: self.ingestion(base),
             "memory_startup": self.memory,
@@ -981,7 +1222,7 @@ class Bench:
                     self.report[name] = {"status": "not run (--only)"}
                     continue
                 if name not in SERVER_SECTIONS:
-                    self._stop_server()  # the in-process sections have its core to themselves
+                    self._stop_server()  # the other sections have its core to themselves
                 self.log(f"== {name}")
                 mark = time.perf_counter()
                 try:

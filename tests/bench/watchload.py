@@ -1,8 +1,9 @@
-"""Websocket load for the benchmark: idle subscribers, and claim → event fan-out latency.
+"""Websocket load for the benchmark: idle subscribers, claim → event fan-out latency, and one
+watcher that stops reading.
 
 Runs as its own process (pinned beside wrk, away from the server):
 
-    python -m anon_ticket.bench.watchload URL --idle N [--fanout PIDS_FILE]
+    python -m tests.bench.watchload URL --idle N [--fanout PIDS_FILE]
 
 It opens N websocket connections to `/api/v1/watch`, each subscribed to a payment id that
 was never paid (the server keeps them registered and pings them; they get no events), and
@@ -13,6 +14,10 @@ stdin:
   watcher subscribed to it, then claim them one after the other over HTTP and time the
   `claimed` event: from sending the redeem request (an upper bound of commit → event) and
   from receiving its response. Prints one JSON line with the latencies.
+- `watch reading PID` / `watch stuck PID`: open one more watcher subscribed to PID that reads
+  everything (and counts it), or that never reads again after its subscribe (a receive buffer
+  of 4 KB, like a client that hung); `unwatch`: close it and say what the server did with it
+  (a stuck one: whether the server closed it, and with which close code).
 - `quit` (or end of input): closes every connection and exits.
 """
 
@@ -22,6 +27,8 @@ import argparse
 import gc
 import json
 import math
+import os
+import socket as stdsocket
 import sys
 import time
 from pathlib import Path
@@ -29,15 +36,22 @@ from typing import Any
 
 import httpx
 import trio
+import wsproto
 from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websocket_url
-
-from anon_ticket.domain.ids import PaymentId
+from wsproto.events import AcceptConnection, CloseConnection, Message, Request, TextMessage
 
 CONNECT_CONCURRENCY = 50
 
 
 def _say(obj: dict[str, Any]) -> None:
     print(json.dumps(obj), flush=True)
+
+
+def random_pid() -> str:
+    """A payment id nobody paid (16 hex, never all zeros)."""
+    while (raw := os.urandom(8)) == bytes(8):
+        pass
+    return raw.hex()
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -54,6 +68,38 @@ class Load:
         self.idle: list[WebSocketConnection] = []
         self.messages_to_idle = 0
         self.closed_idle = 0
+        self.watcher: Stuck | tuple[WebSocketConnection, list[int]] | None = None
+
+    async def watch(self, nursery: trio.Nursery, mode: str, pid: str) -> None:
+        """One more watcher of `pid`: `reading` reads and counts everything, `stuck` never
+        reads after its subscribe."""
+        if mode == "stuck":
+            host, _, port = self.http_url.removeprefix("http://").rpartition(":")
+            self.watcher = await Stuck.open(host, int(port), pid)
+            return
+        ws = await self.subscribe(nursery, pid)
+        count = [0]
+
+        async def read() -> None:
+            try:
+                while True:
+                    await ws.get_message()
+                    count[0] += 1
+            except ConnectionClosed:
+                pass
+
+        nursery.start_soon(read)
+        self.watcher = (ws, count)
+
+    async def unwatch(self) -> dict[str, Any]:
+        watcher, self.watcher = self.watcher, None
+        if isinstance(watcher, Stuck):
+            return await watcher.finish()
+        assert watcher is not None
+        ws, count = watcher
+        closed = ws.closed is not None
+        await ws.aclose()
+        return {"mode": "reading", "closed_by_server": closed, "messages": count[0]}
 
     async def subscribe(self, nursery: trio.Nursery, pid: str) -> WebSocketConnection:
         ws = await connect_websocket_url(nursery, self.ws_url)
@@ -77,7 +123,7 @@ class Load:
 
         async def one() -> None:
             async with limit:
-                ws = await self.subscribe(nursery, PaymentId.generate().hex())
+                ws = await self.subscribe(nursery, random_pid())
             self.idle.append(ws)
             nursery.start_soon(self._drain_idle, ws)
 
@@ -128,6 +174,58 @@ class Load:
         }
 
 
+class Stuck:
+    """A watcher that subscribes and then never reads (a 4 KB receive buffer): the server's
+    writer for it fills the kernel's buffers and then waits, until its send timeout or its
+    queue (the hub's events for it) runs out and the server drops it."""
+
+    def __init__(self, stream: trio.SocketStream, ws: wsproto.WSConnection) -> None:
+        self.stream, self.ws = stream, ws
+        self.opened = time.perf_counter()
+
+    @classmethod
+    async def open(cls, host: str, port: int, pid: str) -> Stuck:
+        sock = trio.socket.socket()
+        sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_RCVBUF, 4096)
+        await sock.connect((host, port))
+        stream = trio.SocketStream(sock)
+        ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        await stream.send_all(ws.send(Request(host="localhost", target="/api/v1/watch")))
+        accepted = False
+        while not accepted:
+            ws.receive_data(await stream.receive_some(4096))
+            accepted = any(isinstance(e, AcceptConnection) for e in ws.events())
+        await stream.send_all(ws.send(TextMessage(json.dumps({"op": "subscribe",
+                                                              "pid": pid}))))
+        return cls(stream, ws)
+
+    async def finish(self) -> dict[str, Any]:
+        """Read what is left (until the server's EOF; at most 2 s, or half a second with
+        nothing more, while the server still sends): was it closed by the server, and with
+        which close code."""
+        held = round(time.perf_counter() - self.opened, 2)
+        messages, code, closed = 0, None, False
+        deadline = trio.current_time() + 2.0
+        while not closed and trio.current_time() < deadline:
+            with trio.move_on_after(0.5):
+                try:
+                    data = await self.stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    data = b""
+                closed = not data
+                self.ws.receive_data(data or None)
+                for event in self.ws.events():
+                    if isinstance(event, Message) and event.message_finished:
+                        messages += 1
+                    elif isinstance(event, CloseConnection):
+                        code = int(event.code)
+                continue
+            break  # nothing more for half a second: still open
+        await self.stream.aclose()
+        return {"mode": "stuck", "closed_by_server": closed, "close_code": code,
+                "messages_left_unread": messages, "held_s": held}
+
+
 async def close_all(connections: list[WebSocketConnection]) -> None:
     """Close them side by side: each close waits for the server's close frame, and one after
     the other 1,000 took seconds of the benchmark's time."""
@@ -157,9 +255,15 @@ async def main(url: str, idle: int, fanout_pids: list[str]) -> None:
             buffer += chunk
             *lines, buffer = buffer.split(b"\n")
             commands = [line.strip().decode() for line in lines]
-            if "fanout" in commands:
-                result = await load.fanout(nursery, fanout_pids)
-                _say({"fanout": result})
+            for command in commands:
+                words = command.split()
+                if words[:1] == ["fanout"]:
+                    _say({"fanout": await load.fanout(nursery, fanout_pids)})
+                elif words[:1] == ["watch"]:
+                    await load.watch(nursery, words[1], words[2])
+                    _say({"watching": words[1]})
+                elif words[:1] == ["unwatch"]:
+                    _say({"unwatched": await load.unwatch()})
             if "quit" in commands:
                 break
         _say({"idle_closed_by_server": load.closed_idle,
@@ -169,7 +273,7 @@ async def main(url: str, idle: int, fanout_pids: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m anon_ticket.bench.watchload")
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.watchload")
     parser.add_argument("url")
     parser.add_argument("--idle", type=int, default=1000)
     parser.add_argument("--fanout", type=Path, default=None)

@@ -1,6 +1,6 @@
 """The stack's ceilings: what hypercorn's trio worker (and quart-trio on it) can do at best.
 
-`python -m anon_ticket.bench.apps quart|raw|hop HOST:PORT` serves one of these trivial apps exactly
+`python -m tests.bench.apps quart|raw|hop HOST:PORT` serves one of these trivial apps exactly
 as the public listener serves ours: a socket bound by `anon_ticket.web.bind_tcp`, handed to
 hypercorn by `anon_ticket.web.serve_app` (same worker, same hypercorn settings), stopped by
 SIGTERM. The benchmark pins it to the same core as the real server.
@@ -27,7 +27,7 @@ from quart_trio import QuartTrio
 
 from anon_ticket import gctune
 from anon_ticket.web import bind_tcp, serve_app
-from supervisors.mailbox import Envelope, Mailbox
+from mailboxes import Envelope, Mailbox
 
 PATH = "/echo"
 MAX_BODY = 4096
@@ -44,7 +44,7 @@ def _answer(body: bytes | str) -> bytes:
 
 
 def quart_app() -> QuartTrio:
-    app = QuartTrio("anon_ticket.bench.ceiling")
+    app = QuartTrio("tests.bench.ceiling")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
 
     @app.post(PATH)
@@ -55,23 +55,40 @@ def quart_app() -> QuartTrio:
     return app
 
 
-def hop_app(box: Mailbox[Any]) -> QuartTrio:
-    app = QuartTrio("anon_ticket.bench.hop")
+class Echo:
+    """The hop's request: a body, answered with the endpoint's JSON. `_message` and `_reply`
+    state its type for the mailbox (the actor protocol reads requests structurally); they
+    are never called."""
+
+    __slots__ = ("body",)
+
+    def __init__(self, body: bytes | str) -> None:
+        self.body = body
+
+    def _message(self) -> Echo:
+        raise NotImplementedError
+
+    def _reply(self) -> bytes:
+        raise NotImplementedError
+
+
+def hop_app(box: Mailbox[Echo]) -> QuartTrio:
+    app = QuartTrio("tests.bench.hop")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
 
     @app.post(PATH)
     async def echo() -> Response:
         body = await request.get_data(cache=False)
-        answer: bytes = await box.ask(body, 5.0)
+        answer: bytes = await box.ask(Echo(body), 5.0)
         return Response(answer, status=200, content_type=_JSON)
 
     return app
 
 
-async def echo_actor(box: Mailbox[Any]) -> None:
-    env: Envelope[Any]
+async def echo_actor(box: Mailbox[Echo]) -> None:
+    env: Envelope[Echo]
     async for env in box.inbox:
-        env.reply(_answer(env.msg))
+        env.reply(_answer(env.msg.body))
 
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -106,7 +123,7 @@ async def raw_app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
 
 
 async def _serve(kind: str, host: str, port: int) -> None:
-    box: Mailbox[Any] = Mailbox("echo", 4096)
+    box: Mailbox[Echo] = Mailbox("echo", 4096)
     box.serving = True
     app: Any = quart_app() if kind == "quart" else hop_app(box) if kind == "hop" else raw_app
     sock = bind_tcp(host, port)
@@ -134,7 +151,7 @@ async def _serve(kind: str, host: str, port: int) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] not in ("quart", "raw", "hop"):
-        print("usage: python -m anon_ticket.bench.apps quart|raw|hop HOST:PORT",
+        print("usage: python -m tests.bench.apps quart|raw|hop HOST:PORT",
               file=sys.stderr)
         return 2
     host, _, port = argv[1].rpartition(":")
