@@ -1,6 +1,7 @@
 """The public listener: hypercorn (trio worker) + quart-trio, on TCP or a unix socket.
 
-Routes are those of the original anon-ticket (DESIGN §4) plus `/api/v1/info` and `/healthz`.
+Routes are those of the original anon-ticket (docs/architecture.md §6) plus `/api/v1/info`
+and `/healthz`.
 No internal route is served here (I9). The redeem path asks the filter (a Bloom negative
 answers 404 with no storage work; a cached claim answers `already_claimed`), which forwards
 anything else to storage: the handler waits once.

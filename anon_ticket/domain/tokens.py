@@ -1,4 +1,5 @@
-"""Token derivation (DESIGN §4): derived once at claim, then stored and returned as stored."""
+"""Token derivation (docs/architecture.md §6): derived once at claim, then stored and returned
+as stored."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The internal listener over its real unix socket (DESIGN §5, I9)."""
+"""The internal listener over its real unix socket (README "Internal socket", I9)."""
 
 from __future__ import annotations
 

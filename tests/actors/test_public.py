@@ -1,4 +1,5 @@
-"""The public API over real HTTP on loopback: DESIGN §4, byte for byte."""
+"""The public API over real HTTP on loopback, byte for byte: README "Public HTTP API" and
+docs/architecture.md §6."""
 
 from __future__ import annotations
 

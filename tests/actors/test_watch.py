@@ -1,4 +1,4 @@
-"""The watch protocol over a real websocket on loopback (DESIGN §4 "Watch protocol")."""
+"""The watch protocol over a real websocket on loopback (README "Watch protocol")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Payment ids, service tokens and token derivation (DESIGN §4): exact client-facing messages."""
+"""Payment ids, service tokens and token derivation (docs/architecture.md §6): exact
+client-facing messages."""
 
 from __future__ import annotations
 
