@@ -206,9 +206,14 @@ class ConnectionTimer:
             if policy is not None:
                 self._set(min(self._deadline, trio.current_time() + policy.read_timeout))
 
+    @property
+    def idle(self) -> bool:
+        """Not inside a request (between requests, or sending a head): may be evicted."""
+        return self._armed and not self._closed
+
     def evict(self) -> bool:
         """Close now if not inside a request: True if it will."""
-        if not self._armed or self._closed:
+        if not self.idle:
             return False
         self._set(-math.inf)
         self._wake.set()

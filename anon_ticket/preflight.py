@@ -8,18 +8,14 @@ directory and the database can be written where they are meant to be.
 
 from __future__ import annotations
 
-import errno
 import os
-import socket
-import stat
 from pathlib import Path
 
 from anon_ticket.config import Settings
 from anon_ticket.datadir import DataDir
 from anon_ticket.domain.address import validate_primary
-from anon_ticket.errors import AnonTicketError, InvalidAddress
-
-MAX_UNIX_PATH = 107
+from anon_ticket.errors import AnonTicketError, ConfigError, InvalidAddress
+from anon_ticket.web import bind_tcp, check_socket_path
 
 
 def problems(settings: Settings) -> list[str]:
@@ -57,36 +53,19 @@ def _holder(directory: Path) -> int | None:
 
 
 def _tcp(host: str, port: int, what: str) -> list[str]:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                return [f"{what}: {host}:{port} is already in use"]
-            return [f"{what}: cannot bind {host}:{port}: {exc.strerror}"]
+    try:
+        bind_tcp(host, port).close()
+    except ConfigError as exc:
+        return [f"{what}: {problem}" for problem in exc.problems]
     return []
 
 
 def _unix_path(path: Path, what: str) -> list[str]:
-    if len(os.fsencode(path)) > MAX_UNIX_PATH:
-        return [f"{what}: unix socket path {path} is longer than {MAX_UNIX_PATH} bytes; "
-                "choose a shorter path"]
     try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        return [f"{what}: cannot look at {path}: {exc.strerror}"]
-    if not stat.S_ISSOCK(st.st_mode):
-        return [f"{what}: {path} exists and is not a socket; refusing to replace it"]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return []  # stale: replaced at start
-    return [f"{what}: {path} is a live socket: another process listens there"]
+        check_socket_path(path)  # a stale socket is replaced at start
+    except ConfigError as exc:
+        return [f"{what}: {problem}" for problem in exc.problems]
+    return []
 
 
 def _writable(directory: Path, what: str) -> list[str]:

@@ -136,25 +136,35 @@ def check_unix_path(path: Path, what: str) -> None:
                            "bytes; choose a shorter path"])
 
 
-def _remove_if_stale(path: Path) -> None:
+def check_socket_path(path: Path) -> bool:
+    """Whether `path` is free to bind: True for nothing there, False for a stale socket
+    (nobody listens: it may be replaced); ConfigError for a live socket or any other file.
+    Changes nothing (the start-up checks use it too)."""
+    check_unix_path(path, "socket")
     try:
         st = path.lstat()
-    except FileNotFoundError:
-        return
+    except (FileNotFoundError, NotADirectoryError):
+        return True  # nothing there (a bad directory is the data directory's check)
+    except OSError as exc:
+        raise ConfigError([f"cannot look at {path}: {exc.strerror}"]) from None
     if not stat.S_ISSOCK(st.st_mode):
         raise ConfigError([f"{path} exists and is not a socket; refusing to replace it"])
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(str(path))
     except ConnectionRefusedError:
-        log.info("removing stale socket", path=str(path))
-        path.unlink()
-        return
+        return False
     except OSError as exc:
         raise ConfigError([f"cannot probe socket {path}: {exc.strerror}"]) from None
     finally:
         probe.close()
     raise ConfigError([f"{path} is a live socket: another process listens there"])
+
+
+def _remove_if_stale(path: Path) -> None:
+    if not check_socket_path(path):
+        log.info("removing stale socket", path=str(path))
+        path.unlink()
 
 
 def bind_unix(path: Path, mode: int, dir_mode: int | None = None) -> socket.socket:

@@ -216,7 +216,11 @@ async def test_when_every_connection_is_busy_a_new_one_is_refused_clearly(
                                       b"Content-Type: application/json\r\n"
                                       b"Content-Length: 50\r\n\r\n{")
                 busy.append(stream)
-            await trio.sleep(0.2)
+            policy = srv.tree.metrics.connections.policies["public"]
+            with trio.fail_after(10):  # every one admitted and inside its request
+                while len(policy.connections) < cap or any(
+                        conn.idle_task.idle for conn in policy.connections):
+                    await trio.sleep(0.01)
             async with raw(srv) as stream:
                 await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
                 data = await read_until_closed(stream)
