@@ -1,4 +1,4 @@
-"""A Bloom filter over bytes keys (pure; DESIGN I8).
+"""A Bloom filter over bytes keys (pure; docs/architecture.md §4, I8).
 
 Each key is hashed once with xxh3_128 under a 64-bit seed. The 128-bit digest is split into two
 64-bit halves h1 (low) and h2 (high, forced odd), and the k probe positions are
