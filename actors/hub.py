@@ -12,6 +12,12 @@ A commit's fan-out is bounded and cheap: at most MAX_WATCHERS_PER_KEY watchers o
 (or token), and each message is encoded once per key, not once per watcher (2,500 watchers of
 one payment id made a claim's fan-out take half a second of the loop, JSON for each).
 
+It also remembers, per payment id, the transfers the poller announced and has not yet seen
+deep enough (`PendingPayment`), so a watcher that subscribes after the pool sighting is told
+it in its `state` (docs/architecture.md §3): announced, updated as confirmations arrive,
+forgotten at N (credited right after) or when the transfer leaves the wallet's pool and
+recent blocks. Like the replay buffer it is bounded and lives only as long as the hub.
+
 Its protocol (subscriptions, and what it puts into a watcher's queue) is
 anon_ticket/domain/watch.py's; the queue itself, made by the public actor, mailboxes/outbox.py's.
 """
@@ -30,12 +36,14 @@ from anon_ticket.domain.messages import (
     EventKind,
     PaymentSeen,
     Publish,
+    SightingGone,
     TicketEvent,
 )
 from anon_ticket.domain.watch import (
     MAX_WATCHERS_PER_KEY,
     Drop,
     Key,
+    PendingPayment,
     Replay,
     Subscribe,
     Subscriber,
@@ -54,6 +62,8 @@ log = get_logger("hub")
 
 REPLAY_PER_TICKET = 64
 REPLAY_TICKETS = 50_000
+PENDING_PER_TICKET = 16
+PENDING_TICKETS = 50_000
 
 # A replayable event: (kind, token or None, seq, epoch, fields); the ticket's pid is its key.
 Record = tuple[str, bytes | None, int, int, tuple[tuple[str, object], ...]]
@@ -79,6 +89,8 @@ class Hub:
         self.per_key = per_key
         self._subs: dict[bytes, set[Subscriber]] = {}
         self._replay: OrderedDict[bytes, tuple[Record, ...]] = OrderedDict()
+        # payment id -> txid -> what was announced of it, until it is deep enough
+        self._pending: OrderedDict[bytes, dict[str, PendingPayment]] = OrderedDict()
         self._slow = 0
         self._refused = 0
 
@@ -88,6 +100,7 @@ class Hub:
             Publish: self._publish,
             PaymentSeen: self._announce,
             Confirmations: self._announce,
+            SightingGone: self._gone,
             Subscribe: self._subscribe,
             Unsubscribe: self._unsubscribe,
             Drop: self._drop,
@@ -111,7 +124,8 @@ class Hub:
             return
         watchers.add(msg.watcher)
         msg.watcher.keys.add(msg.key)
-        env.reply(True)
+        pending = self._pending.get(msg.key)
+        env.reply(tuple(pending.values()) if pending else ())
 
     def _remove(self, watcher: Subscriber, key: bytes) -> None:
         watchers = self._subs.get(key)
@@ -170,7 +184,34 @@ class Hub:
 
     def _announce(self, env: Envelope[PaymentSeen | Confirmations]) -> None:
         note = env.msg
-        self._deliver(note.pid.raw, note)
+        pid = note.pid.raw
+        pending = self._pending.get(pid)
+        if note.confirmations >= note.required:  # credited next: no longer pending
+            if pending is not None:
+                self._forget(pid, note.txid)
+        elif isinstance(note, PaymentSeen):
+            if pending is None:
+                pending = self._pending[pid] = {}
+                while len(self._pending) > PENDING_TICKETS:
+                    self._pending.popitem(last=False)
+            if note.txid in pending or len(pending) < PENDING_PER_TICKET:
+                pending[note.txid] = PendingPayment(note.amount, note.height is None,
+                                                    note.confirmations, note.required)
+            self._pending.move_to_end(pid)
+        elif pending is not None and (known := pending.get(note.txid)) is not None:
+            pending[note.txid] = known._replace(in_pool=False,
+                                                confirmations=note.confirmations)
+        self._deliver(pid, note)
+
+    def _gone(self, env: Envelope[SightingGone]) -> None:
+        self._forget(env.msg.pid.raw, env.msg.txid)
+
+    def _forget(self, pid: bytes, txid: str) -> None:
+        pending = self._pending.get(pid)
+        if pending is not None:
+            pending.pop(txid, None)
+            if not pending:
+                del self._pending[pid]
 
     def _replay_events(self, env: Envelope[Replay]) -> None:
         msg = env.msg
@@ -189,6 +230,7 @@ class Hub:
             "subscriptions": sum(len(w) for w in self._subs.values()),
             "keys": len(self._subs),
             "replay_tickets": len(self._replay),
+            "pending_tickets": len(self._pending),
             "slow_watchers_dropped": self._slow,
             "refused_per_key": self._refused,
         })

@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -47,10 +47,11 @@ from anon_ticket.domain.messages import (
     ReadCursor,
     RecentTransfers,
     RecordTransfers,
+    SightingGone,
     SkippedTransfer,
     Transfer,
 )
-from anon_ticket.domain.transfers import classify, sighting
+from anon_ticket.domain.transfers import WalletTransfer, classify, sighting
 from anon_ticket.errors import (
     AnonTicketError,
     ConfigError,
@@ -155,7 +156,8 @@ class Poller:
         # A rescan waiting for the loop: the new cursor and whom to answer once it is stored.
         self._rescan: tuple[int, list[Envelope[RescanFrom]]] | None = None
         self._tick_scope: trio.CancelScope | None = None
-        self._seen: OrderedDict[str, int] = OrderedDict()
+        # txid -> (payment id, confirmations) of what was announced and is still in the window
+        self._seen: OrderedDict[str, tuple[PaymentId, int]] = OrderedDict()
         self._rng = random.Random()
 
     # --- running ----------------------------------------------------------------------------
@@ -377,8 +379,13 @@ class Poller:
         self.wallet_height = height
         self.metrics.wallet_height.set(height)
         safe = self._safe_height(height)
+        # The recent window is read and announced first, so a transfer's N-th confirmation
+        # reaches watchers before the credit's `payment_confirmed` (the README's order).
+        low = max(0, height - self.config.reorg_window)
+        entries = await self.wallet.pool_and_recent(low)
+        present, deep = self._announce_recent(entries, height, safe)
         await self._credit_up_to(safe)
-        await self._recent_window(height, safe)
+        await self._reconcile_recent(low, present, deep)
         self.metrics.rpc_calls.labels("ok").inc()
         self.failures = 0
         self.last_error = self.storage_error = self.wallet_error = None
@@ -419,9 +426,10 @@ class Poller:
                 last_report = now
         self.metrics.last_height.set(self.cursor)
 
-    async def _recent_window(self, wallet_height: int, safe: int) -> None:
-        low = max(0, wallet_height - self.config.reorg_window)
-        entries = await self.wallet.pool_and_recent(low)
+    def _announce_recent(self, entries: Sequence[WalletTransfer], wallet_height: int,
+                         safe: int) -> tuple[set[bytes], list[Transfer]]:
+        """Announce what the pool and the recent blocks hold; return the txids present and
+        the transfers deep enough to be credited."""
         present: set[bytes] = set()
         deep: list[Transfer] = []
         for entry in entries:
@@ -435,6 +443,16 @@ class Poller:
                 if isinstance(result, Transfer):
                     deep.append(result)
             self._announce(seen.pid, seen.txid, seen.amount, seen.height, confirmations)
+        for txid, (pid, _) in list(self._seen.items()):
+            if bytes.fromhex(txid) not in present:  # left the pool unmined, or the window
+                del self._seen[txid]
+                self._emit(SightingGone(pid, txid))
+        return present, deep
+
+    async def _reconcile_recent(self, low: int, present: set[bytes],
+                                deep: list[Transfer]) -> None:
+        """Re-ingest recent transfers the chain re-mined; mark vanished the recorded ones it
+        no longer holds (I7)."""
         recorded = await self._store(RecentTransfers(low))
         known = {(r.txid, r.pid.raw): r.height for r in recorded}
         again = [t for t in deep if known.get((t.txid, t.pid.raw)) != t.height]
@@ -455,21 +473,20 @@ class Poller:
 
     def _announce(self, pid: PaymentId, txid: str, amount: int, height: int | None,
                   confirmations: int) -> None:
-        first = txid not in self._seen
-        previous = self._seen.get(txid)
-        self._seen[txid] = confirmations
+        known = self._seen.get(txid)
+        self._seen[txid] = (pid, confirmations)
         self._seen.move_to_end(txid)
         while len(self._seen) > SEEN_MEMORY:
             self._seen.popitem(last=False)
-        if first:
+        required = self.config.min_confirmations
+        if known is None:
             log.info("payment seen", pid=pid.redacted(), amount=amount,
                      in_pool=height is None)
-            self._emit(PaymentSeen(pid, txid, amount, height))
-        required = self.config.min_confirmations
-        if 0 < confirmations <= required and previous != confirmations:
+            self._emit(PaymentSeen(pid, txid, amount, height, confirmations, required))
+        if 0 < confirmations <= required and (known is None or known[1] != confirmations):
             self._emit(Confirmations(pid, txid, confirmations, required))
 
-    def _emit(self, event: PaymentSeen | Confirmations) -> None:
+    def _emit(self, event: PaymentSeen | Confirmations | SightingGone) -> None:
         if self.events is None:
             return
         try:

@@ -52,6 +52,7 @@ from anon_ticket.domain.watch import (
     event_message,
     gap_message,
     parse_request,
+    pending_messages,
     state_message,
 )
 from anon_ticket.errors import AnonTicketError, InvalidInput, NotFound, Unavailable
@@ -315,7 +316,7 @@ class Public:
         # refuses a key that has its fill of watchers (InvalidInput, sent as an error).
         conn.subs[raw] = _KeyState(key)
         try:
-            await self.hub.ask(Subscribe(conn.watcher, raw), timeout)
+            pending = await self.hub.ask(Subscribe(conn.watcher, raw), timeout)
             state = await self.storage.ask(ReadTicketState(pid=key.pid, token=key.token),
                                            timeout)
             replay = None
@@ -333,7 +334,7 @@ class Public:
                 pass
             raise
         gap = req.since is not None and replay is None
-        self._push(conn, WatchReady(raw, state, replay, gap))
+        self._push(conn, WatchReady(raw, state, replay, gap, pending))
 
     async def _write_loop(self, conn: _WatchConnection) -> None:
         """Sends what the reader and the hub queued. The hub's events come encoded (once per
@@ -353,8 +354,12 @@ class Public:
                 if item.replay is not None:
                     for event in item.replay:
                         await self._send(conn, encode(event_message(ks.key, event)))
+                    for payment in item.pending:  # what a state would have carried
+                        for message in pending_messages(ks.key, payment):
+                            await self._send(conn, encode(message))
                 else:
-                    await self._send(conn, encode(state_message(ks.key, item.state)))
+                    await self._send(conn, encode(state_message(ks.key, item.state,
+                                                                item.pending)))
                 ks.seq = item.state.seq
                 pending, ks.pending = ks.pending, None
                 for held in pending or ():

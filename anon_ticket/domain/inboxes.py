@@ -38,6 +38,7 @@ from anon_ticket.domain.messages import (
     RecordTransfers,
     Redeem,
     Revoke,
+    SightingGone,
 )
 from anon_ticket.domain.watch import Drop, Replay, Subscribe, Unsubscribe
 
@@ -45,8 +46,8 @@ StorageMsg = (Claim | LookupToken | Revoke | RecordTransfers | ReadCursor | Rece
               | MarkVanished | ReadTicketState | ListSkipped | StorageStats | StorageHealth
               | Backup)
 FilterMsg = Redeem | Lookup | AddPids | Committed | FilterStats
-HubMsg = (Publish | PaymentSeen | Confirmations | Subscribe | Unsubscribe | Drop | Replay
-          | HubStats)
+HubMsg = (Publish | PaymentSeen | Confirmations | SightingGone | Subscribe | Unsubscribe | Drop
+          | Replay | HubStats)
 PollerMsg = PollerStatus | PausePoller | ResumePoller | RescanFrom
 PublicMsg = Drain
 SupervisorMsg = TreeStatus | RestartActor | Shutdown  # the root supervisor's commands

@@ -293,20 +293,35 @@ class Committed(Notice):
 
 @dataclass(frozen=True, slots=True)
 class PaymentSeen(Notice):
-    """First sighting of a transfer to a payment id (pool or block); not claimable yet."""
+    """First sighting of a transfer to a payment id (pool or block). Shallower than
+    `required` it is not claimable yet; the hub keeps it as pending until it is."""
 
     pid: PaymentId
     txid: str
     amount: int
-    height: int | None
+    height: int | None  # None: in the pool
+    confirmations: int
+    required: int
 
 
 @dataclass(frozen=True, slots=True)
 class Confirmations(Notice):
+    """k of N, announced before the transfer is credited at N (so a watcher sees the N-th
+    confirmation before `payment_confirmed`)."""
+
     pid: PaymentId
     txid: str
     confirmations: int
     required: int
+
+
+@dataclass(frozen=True, slots=True)
+class SightingGone(Notice):
+    """A transfer announced earlier is no longer in the wallet's pool or recent blocks: left
+    the pool unmined, or went deeper than the window (credited by then)."""
+
+    pid: PaymentId
+    txid: str
 
 
 # The largest height (or cursor) storage can hold: SQLite integers are 64-bit.

@@ -6,12 +6,16 @@ client → server
     {"op": "unsubscribe", "pid" | "token": ...}
     {"op": "ping"}
 server → client (each message names the pid or token it is about, as subscribed)
-    {"type": "state", "seq", "epoch", "status", "balance"}      on subscribe
+    {"type": "state", "seq", "epoch", "status", "balance", "pending"}   on subscribe;
+        pending: transfers seen but not credited yet,
+        [{"amount", "in_pool", "confirmations", "required"}] (always [] for a token)
     {"type": "payment_confirmed" | "topped_up" | "claimed" | "revoked" | "reorg", "seq",
      "epoch", ...}                                               committed facts, seq > state's
     {"type": "payment_seen", "amount", "in_pool"}                 first sighting (no seq)
     {"type": "confirmations", "confirmations", "required"}        k of N (no seq)
     {"type": "gap"}                                               resume impossible; state follows
+    on a resume (replayed events instead of a state), the pending transfers follow the replay
+    as `payment_seen` and `confirmations`
     {"type": "error", "error"}                                    bad request; connection stays
     {"type": "pong"}
 
@@ -123,14 +127,26 @@ class WatchText(NamedTuple):
     text: str
 
 
+class PendingPayment(NamedTuple):
+    """A transfer to a payment id the poller has announced and not yet seen deep enough:
+    what a watcher that subscribes late is told it missed."""
+
+    amount: int
+    in_pool: bool
+    confirmations: int
+    required: int
+
+
 class WatchReady(NamedTuple):
     """A subscription is registered and its state read: the writer sends a gap (if resuming
-    was impossible), then the replayed events or else the state, then what waited for it."""
+    was impossible), then the replayed events and the pending transfers' announcements, or
+    else the state (which carries them), then what waited for it."""
 
     key: bytes
     state: TicketState
     replay: tuple[TicketEvent, ...] | None
     gap: bool
+    pending: tuple[PendingPayment, ...] = ()
 
 
 class WatchEvent(NamedTuple):
@@ -162,9 +178,10 @@ class Subscriber(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class Subscribe(Request[bool]):
-    """Refused (InvalidInput, for the watcher to read) when the key has its fill of
-    watchers."""
+class Subscribe(Request[tuple[PendingPayment, ...]]):
+    """Answered with the key's pending transfers as the hub knows them when it registers the
+    watcher (announcements after that reach its queue). Refused (InvalidInput, for the
+    watcher to read) when the key has its fill of watchers."""
 
     watcher: Subscriber
     key: bytes  # 8-byte payment id or 32-byte token
@@ -200,9 +217,21 @@ def _about(key: Key) -> dict[str, Any]:
     return {key.kind: key.text}
 
 
-def state_message(key: Key, state: TicketState) -> dict[str, Any]:
+def state_message(key: Key, state: TicketState,
+                  pending: tuple[PendingPayment, ...] = ()) -> dict[str, Any]:
     return {"type": "state", **_about(key), "seq": state.seq, "epoch": state.epoch,
-            "status": state.status, "balance": state.balance}
+            "status": state.status, "balance": state.balance,
+            "pending": [p._asdict() for p in pending]}
+
+
+def pending_messages(key: Key, pending: PendingPayment) -> list[dict[str, Any]]:
+    """A pending transfer told as the announcements a watcher would have seen live."""
+    seen = {"type": "payment_seen", **_about(key), "amount": pending.amount,
+            "in_pool": pending.in_pool}
+    if pending.confirmations <= 0:
+        return [seen]
+    return [seen, {"type": "confirmations", **_about(key),
+                   "confirmations": pending.confirmations, "required": pending.required}]
 
 
 def event_message(key: Key, event: TicketEvent) -> dict[str, Any]:

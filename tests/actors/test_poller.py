@@ -26,6 +26,7 @@ from anon_ticket.domain.messages import (
     ReadCursor,
     RecentTransfers,
     RecordTransfers,
+    SightingGone,
     Transfer,
 )
 from anon_ticket.domain.transfers import WalletTransfer
@@ -153,7 +154,7 @@ async def test_shallow_and_pool_payments_are_announced_not_claimable(tmp_path: P
         await wait_for(lambda: cursor_is(mb, 190))
         with pytest.raises(NotFound):
             await core.storage.ask(Claim(pid), 5)
-        with trio.fail_after(10):  # announced after the cursor moved, in the same tick
+        with trio.fail_after(10):  # announced in the tick that moved the cursor
             got = [(await events.inbox.receive()).msg for _ in range(3)]
         seen = {e.pid: e for e in got if isinstance(e, PaymentSeen)}
         assert seen[pid].height == 195 and seen[pooled].height is None
@@ -383,3 +384,42 @@ async def test_a_storage_failure_is_not_blamed_on_the_wallet(tmp_path: Path) -> 
 
             await wait_for(recovered)
             n.cancel_scope.cancel()
+
+
+async def test_the_nth_confirmation_is_announced_before_the_credit_and_gone_is_told(
+        tmp_path: Path) -> None:
+    # The README's order for a watcher: ..., confirmations N of N, payment_confirmed. The
+    # credit's event comes from storage after the poller records the transfer, so the N-th
+    # confirmation must be told before the scan that credits it (it used to come after).
+    log: list[object] = []
+
+    class Recording(Mailbox[Any]):
+        def tell(self, msg: Any) -> None:
+            log.append(msg)
+            super().tell(msg)
+
+    class Wallet(ScriptedWallet):
+        async def incoming(self, min_height: int, max_height: int) -> list[WalletTransfer]:
+            log.append(("scan", min_height, max_height))
+            return await super().incoming(min_height, max_height)
+
+    wallet = Wallet(height=200)
+    pid, pooled = PaymentId.generate(), PaymentId.generate()
+    wallet.entries = [entry(pid, 192)]  # 8 of 10
+    wallet.pool = [entry(pooled, 0, kind="pool")]
+    txid, pool_txid = wallet.entries[0]["txid"], wallet.pool[0]["txid"]
+    async with run_core(tmp_path) as core, trio.open_nursery() as n:
+        mb = await run_poller(core, wallet, n, events=Recording("events", 100))
+        await wait_for(lambda: cursor_is(mb, 190))
+        first = [m for m in log if isinstance(m, PaymentSeen)]
+        assert {(m.pid, m.confirmations, m.required, m.height) for m in first} == {
+            (pid, 8, 10, 192), (pooled, 0, 10, None)}
+        wallet.pool = []  # left the pool unmined (a double spend, an expiry)
+        wallet.height = 202  # the transfer reaches 10 of 10
+        await wait_for(lambda: cursor_is(mb, 192))
+        n.cancel_scope.cancel()
+    nth = log.index(Confirmations(pid, txid, 10, 10))
+    credit = next(i for i, m in enumerate(log)
+                  if isinstance(m, tuple) and m[1] < 192 <= m[2])
+    assert nth < credit, log
+    assert SightingGone(pooled, pool_txid) in log

@@ -16,7 +16,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 
 from actors.hub import HubStats
 from anon_ticket.domain.ids import PaymentId
-from anon_ticket.domain.messages import RecordTransfers, Transfer
+from anon_ticket.domain.messages import PaymentSeen, RecordTransfers, Transfer
 from tests.harness import Server, count_tasks, running_server
 
 
@@ -48,7 +48,7 @@ async def test_state_then_committed_events_in_order(tmp_path: Path) -> None:
         await send(ws, op="subscribe", pid=pid.hex().upper())
         state = await recv(ws)
         assert state == {"type": "state", "pid": pid.hex(), "seq": 0, "epoch": state["epoch"],
-                         "status": "waiting", "balance": 0}
+                         "status": "waiting", "balance": 0, "pending": []}
         await srv.pay(pid, 500)
         confirmed = await recv(ws)
         assert confirmed == {"type": "payment_confirmed", "pid": pid.hex(), "seq": 1,
@@ -129,6 +129,25 @@ async def test_resume_with_since_and_a_gap_from_another_epoch(tmp_path: Path) ->
             assert (await recv(ws))["type"] == "gap"
             state = await recv(ws)
             assert (state["type"], state["seq"]) == ("state", 8)
+
+
+async def test_a_late_or_resuming_watcher_learns_the_pending_sighting(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as srv:
+        pid = PaymentId.generate()
+        await srv.pay(pid, 500)  # seq 1
+        # the poller's announcement of a second transfer, still in the pool
+        srv.tree.mailboxes.hub.tell(PaymentSeen(pid, "ab" * 32, 7, None, 0, 10))
+        async with watcher(srv) as ws:
+            await send(ws, op="subscribe", pid=pid.hex())
+            state = await recv(ws)
+            assert (state["status"], state["seq"], state["pending"]) == ("claimable", 1, [
+                {"amount": 7, "in_pool": True, "confirmations": 0, "required": 10}])
+            epoch = state["epoch"]
+        async with watcher(srv) as ws:  # resuming: the replay, then what a state would say
+            await send(ws, op="subscribe", pid=pid.hex(), since=0, epoch=epoch)
+            assert [(m["type"], m.get("seq"), m.get("in_pool")) for m in
+                    [await recv(ws), await recv(ws)]] == [
+                ("payment_confirmed", 1, None), ("payment_seen", None, True)]
 
 
 async def test_bad_requests_get_errors_and_the_connection_stays(tmp_path: Path) -> None:

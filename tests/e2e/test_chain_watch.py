@@ -34,14 +34,31 @@ async def test_a_watcher_sees_the_whole_life_of_a_real_payment(
                 messages.append(msg)
                 return msg
 
+            async def late_state() -> dict[str, Any]:
+                """What a watcher that subscribes now is told."""
+                async with open_websocket_url(url) as late:
+                    await late.send_message(json.dumps({"op": "subscribe", "pid": pid.hex()}))
+                    with trio.fail_after(30):
+                        state: dict[str, Any] = json.loads(await late.get_message())
+                assert state["type"] == "state"
+                return state
+
             await ws.send_message(json.dumps({"op": "subscribe", "pid": pid.hex()}))
             assert (await recv())["type"] == "state"
             await pay(info, integrated_address(info.primary_address, pid), XMR // 5)
             assert (await recv())["type"] == "payment_seen"
-            for _ in range(CONFS - 1):
+            # A watcher that comes after the pool sighting learns it from its state.
+            assert (await late_state())["pending"] == [
+                {"amount": XMR // 5, "in_pool": True, "confirmations": 0, "required": CONFS}]
+            for k in range(1, CONFS):
                 await mine(info, 1)
                 while (await recv())["type"] != "confirmations":
                     pass
+                if k == 2:
+                    late = await late_state()
+                    assert (late["status"], late["pending"]) == ("waiting", [
+                        {"amount": XMR // 5, "in_pool": False, "confirmations": 2,
+                         "required": CONFS}])
             await mine(info, 1)  # the N-th confirmation: deep enough, credited
             while (await recv())["type"] != "payment_confirmed":
                 pass
@@ -66,6 +83,9 @@ async def test_a_watcher_sees_the_whole_life_of_a_real_payment(
         assert firsts == sorted(firsts), kinds
         confs = [m["confirmations"] for m in messages if m["type"] == "confirmations"]
         assert confs[:CONFS] == list(range(1, CONFS + 1))  # k of N, up to N (then the top-up)
+        # N of N comes before the credit it announces, as the README shows
+        nth = next(i for i, m in enumerate(messages) if m.get("confirmations") == CONFS)
+        assert nth < [m["type"] for m in messages].index("payment_confirmed"), kinds
         seqs = [m["seq"] for m in messages if "seq" in m and "pid" in m and m["type"] != "state"]
         assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
         token_kinds = [m["type"] for m in messages if "token" in m]
