@@ -156,6 +156,7 @@ class Supervisor:
         self._restart_times: deque[float] = deque()
         self._stop = trio.Event()
         self.stop_reason: str | None = None
+        self._nursery: trio.Nursery | None = None
 
     # --- public face ------------------------------------------------------------------------
 
@@ -183,11 +184,19 @@ class Supervisor:
         return tuple(out)
 
     def restart_child(self, name: str) -> None:
-        """Restart a running child on an operator's command (not counted as a crash)."""
+        """Restart a running child on an operator's command (not counted as a crash). A child
+        with a `stop` hook (a listener) is stopped gracefully first, as in a stop: the
+        request that asked for its restart (over the internal socket, perhaps this very
+        listener) still gets its answer."""
         for c in self._children:
             if c.spec.name == name and c.scope is not None:
+                if c.restart_requested:
+                    return  # already on its way
                 c.restart_requested = True
-                c.scope.cancel()
+                if c.spec.stop is not None and self._nursery is not None:
+                    self._nursery.start_soon(self._stop_to_restart, c, c.scope)
+                else:
+                    c.scope.cancel()
                 return
             nested = c.actor
             if isinstance(nested, Supervisor) and nested.has_child(name):
@@ -201,10 +210,20 @@ class Supervisor:
             for c in self._children
         )
 
+    async def _stop_to_restart(self, child: _Child, scope: trio.CancelScope) -> None:
+        if child.spec.stop is not None and child.actor is not None:
+            maybe = child.spec.stop(child.actor)
+            if maybe is not None:
+                await maybe
+            with trio.move_on_after(self.grace):
+                await child.exited.wait()
+        scope.cancel()  # that run's scope: a no-op once it has ended
+
     # --- running ----------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             for index, child in enumerate(self._children):
                 if self._stop.is_set():
                     break  # a stop during start-up: start nothing more

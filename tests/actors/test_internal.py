@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json as jsonlib
 import os
+import re
 import socket
 import stat
 import sys
@@ -21,6 +22,8 @@ from anon_ticket.domain.ids import PaymentId
 from anon_ticket.domain.messages import RecordTransfers, SkippedTransfer
 from tests.actors.test_public import assert_json_error
 from tests.harness import Server, running_server
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 INTERNAL_ROUTES = [
     ("GET", "/metrics"),
@@ -100,6 +103,35 @@ async def test_metrics_keep_the_original_names(tmp_path: Path) -> None:
             assert name in text, name
         assert 'api_redeem_requests_total{status="not_found"} 1.0' in text
         assert "_created" not in text
+
+
+async def test_every_actor_the_readme_names_restarts_and_the_server_serves_after(
+        tmp_path: Path) -> None:
+    readme = README.read_text()
+    row = next(line for line in readme.splitlines()
+               if line.startswith("| `POST /admin/actors/{name}/restart`"))
+    named = set(re.findall(r"`([a-z]+)`", row.split("|")[3]))
+    async with running_server(tmp_path) as srv:
+        status = (await srv.internal.get("/admin/status")).json()
+        running = {a["name"] for a in status["actors"]} | {
+            c["name"] for a in status["actors"] for c in a.get("children", [])}
+        assert named - running == {"devchain"}  # only with --dev-chain
+        assert running <= named, f"restartable but not in the README: {running - named}"
+        pid = PaymentId.generate()
+        await srv.pay(pid, 5)
+        for name in sorted(running):
+            # answered even when it is the internal listener itself that restarts
+            assert (await srv.internal.post(f"/admin/actors/{name}/restart")).status_code == 200
+            with trio.fail_after(10):
+                while True:
+                    try:
+                        tree = (await srv.internal.get("/admin/status")).json()["actors"]
+                    except httpx.TransportError:  # the internal listener, coming back
+                        tree = []
+                    if (tree and all(a["state"] == "running" for a in tree)
+                            and (await srv.redeem(pid.hex())).status_code == 200):
+                        break
+                    await trio.sleep(0.05)
 
 
 async def test_status_bloom_and_skipped(tmp_path: Path) -> None:
