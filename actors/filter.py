@@ -9,6 +9,10 @@
   invalidated by storage in commit order; bounded in size and age.
 - Redeem: a Bloom negative or a cached claim is answered here; anything else is forwarded to
   storage as a `Claim`, and storage answers the requester, who waits once.
+- With worker processes (docs/architecture.md §8) the owner's filter hands additions and
+  effects on to the fanout (`replicas`), which answers the poller once every worker has the
+  new ids queued; a worker's filter is a replica: the same actor, its `storage` a link to the
+  owner's, fed `Replicated` and `Committed` by its link.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import trio
 from anon_ticket.domain.bloom import BloomFilter
 from anon_ticket.domain.commands import Figures, FilterStats
 from anon_ticket.domain.ids import PaymentId, ServiceToken
-from anon_ticket.domain.inboxes import FilterMsg, HubMsg, StorageMsg
+from anon_ticket.domain.inboxes import FanoutMsg, FilterMsg, HubMsg, StorageMsg
 from anon_ticket.domain.messages import (
     AddPids,
     CacheClaim,
@@ -38,6 +42,7 @@ from anon_ticket.domain.messages import (
     Presence,
     Publish,
     Redeem,
+    Replicated,
     TicketEvent,
 )
 from anon_ticket.errors import AnonTicketError, Unavailable
@@ -79,10 +84,12 @@ class Filter:
     name = "filter"
 
     def __init__(self, config: FilterConfig, mailbox: Mailbox[FilterMsg], metrics: Metrics,
-                 storage: Mailbox[StorageMsg], hub: Mailbox[HubMsg] | None = None) -> None:
+                 storage: Mailbox[StorageMsg], hub: Mailbox[HubMsg] | None = None,
+                 replicas: Mailbox[FanoutMsg] | None = None) -> None:
         self.config = config
         self.mailbox = mailbox
         self.hub = hub
+        self.replicas = replicas
         self.storage = storage
         self.metrics = metrics
         self.bloom: BloomFilter | None = None
@@ -112,6 +119,7 @@ class Filter:
             Lookup: self._lookup,
             AddPids: self._add,
             Committed: self._committed,
+            Replicated: self._replicated,
             FilterStats: self._stats,
         }))
 
@@ -145,19 +153,32 @@ class Filter:
         else:
             self.storage.forward(Claim(pid), env)  # storage answers the requester
 
-    def _add(self, env: Envelope[AddPids]) -> None:
-        """New ids into the Bloom filter, then the poller's answer, then the events (I8)."""
-        msg = env.msg
+    def _add_to_bloom(self, pids: tuple[PaymentId, ...]) -> None:
         if self.bloom is not None:
-            if len(msg.pids) >= BULK_ADD:  # a catch-up's chunk: vectorized
-                self.bloom.add_many([pid.raw for pid in msg.pids])
+            if len(pids) >= BULK_ADD:  # a catch-up's chunk: vectorized
+                self.bloom.add_many([pid.raw for pid in pids])
             else:
-                for pid in msg.pids:
+                for pid in pids:
                     self.bloom.add(pid.raw)
             self.metrics.bloom_entries.set(len(self.bloom))
-        env.reply(msg.ack)
+
+    def _add(self, env: Envelope[AddPids]) -> None:
+        """New ids into the Bloom filter, then the poller's answer, then the events (I8). With
+        workers, the fanout answers the poller once each worker has them queued."""
+        msg = env.msg
+        self._add_to_bloom(msg.pids)
+        if self.replicas is not None:
+            self.replicas.forward(msg, env)
+        else:
+            env.reply(msg.ack)
         if msg.events:
             self._to_hub(msg.events)
+
+    def _replicated(self, env: Envelope[Replicated]) -> None:
+        """A worker's replica: the owner's new ids, then their events to this process's hub."""
+        self._add_to_bloom(env.msg.pids)
+        if env.msg.events:
+            self._to_hub(env.msg.events)
 
     def _committed(self, env: Envelope[Committed]) -> None:
         """One storage transaction's effects, in order: cache fills and invalidations here,
@@ -173,6 +194,11 @@ class Filter:
                 events.extend(effect.events)
         if events:
             self._to_hub(tuple(events))
+        if self.replicas is not None:
+            try:
+                self.replicas.tell(env.msg)
+            except AnonTicketError:
+                self.metrics.alerts.labels("fanout_mailbox_full").inc()
 
     def _to_hub(self, events: tuple[TicketEvent, ...]) -> None:
         """Committed events, in commit order; the hub never holds up this actor."""

@@ -30,7 +30,7 @@ import trio
 
 from anon_ticket.domain.commands import HubStats
 from anon_ticket.domain.ids import PaymentId, ServiceToken
-from anon_ticket.domain.inboxes import HubMsg
+from anon_ticket.domain.inboxes import FanoutMsg, HubMsg
 from anon_ticket.domain.messages import (
     Confirmations,
     EventKind,
@@ -53,7 +53,7 @@ from anon_ticket.domain.watch import (
     event_message,
     note_message,
 )
-from anon_ticket.errors import InvalidInput
+from anon_ticket.errors import AnonTicketError, InvalidInput
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
 from mailboxes import Dispatch, Envelope, Mailbox
@@ -83,9 +83,11 @@ class Hub:
     name = "hub"
 
     def __init__(self, mailbox: Mailbox[HubMsg], metrics: Metrics,
-                 per_key: int = MAX_WATCHERS_PER_KEY) -> None:
+                 per_key: int = MAX_WATCHERS_PER_KEY,
+                 replicas: Mailbox[FanoutMsg] | None = None) -> None:
         self.mailbox = mailbox
         self.metrics = metrics
+        self.replicas = replicas  # the owner's fanout: announcements reach workers' hubs too
         self.per_key = per_key
         self._subs: dict[bytes, set[Subscriber]] = {}
         self._replay: OrderedDict[bytes, tuple[Record, ...]] = OrderedDict()
@@ -202,9 +204,18 @@ class Hub:
             pending[note.txid] = known._replace(in_pool=False,
                                                 confirmations=note.confirmations)
         self._deliver(pid, note)
+        self._replicate(note)
 
     def _gone(self, env: Envelope[SightingGone]) -> None:
         self._forget(env.msg.pid.raw, env.msg.txid)
+        self._replicate(env.msg)
+
+    def _replicate(self, note: PaymentSeen | Confirmations | SightingGone) -> None:
+        if self.replicas is not None:
+            try:
+                self.replicas.tell(note)
+            except AnonTicketError:
+                pass  # announcements are best effort
 
     def _forget(self, pid: bytes, txid: str) -> None:
         pending = self._pending.get(pid)

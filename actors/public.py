@@ -9,6 +9,7 @@ anything else to storage: the handler waits once.
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass, field
 from functools import partial
@@ -97,6 +98,9 @@ class PublicConfig:
     unknown_rate: float = 200.0  # answers about unknown ids a second before they are held
     watch_send_timeout: float = 10.0
     websocket_ping_interval: float = 20.0
+    # A worker process serves the owner's listening socket, inherited (docs/architecture.md §8)
+    inherited_fd: int | None = None
+    worker: int | None = None  # which worker this is (named by /healthz)
 
 
 @dataclass(eq=False, slots=True)
@@ -182,8 +186,9 @@ class Public:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
         # The public socket serves the public API: readable by any local user (a proxy).
-        with listening_socket(unix_path=cfg.unix_socket, mode=0o666, host=cfg.host,
-                              port=cfg.port) as sock:
+        with (socket.socket(fileno=os.dup(cfg.inherited_fd)) if cfg.inherited_fd is not None
+              else listening_socket(unix_path=cfg.unix_socket, mode=0o666, host=cfg.host,
+                                    port=cfg.port)) as sock:
             self.address = describe_socket(sock)
             log.info("public listener serving", address=self.address)
             app = self.create_app()
@@ -497,6 +502,8 @@ class Public:
             # fail, at most once a second): one mailbox round trip, no SQL in the common case.
             writes = await storage_health()
             body: dict[str, Any] = {"status": "ok", "actors": actors, "storage": writes}
+            if self.config.worker is not None:
+                body["worker"] = self.config.worker
             if self.poller is not None:
                 chain = await chain_status()
                 body["chain"] = chain

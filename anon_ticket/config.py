@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import ipaddress
+import json
 import math
 import os
 import re
@@ -260,6 +261,7 @@ class Settings:
     unknown_rate_per_sec: float = 200.0
     request_timeout_secs: float = 5.0
     batch_limit: int = 256
+    workers: int = 1
     grace_secs: float = 10.0
     restart_intensity: int = 5
     restart_period_secs: float = 30.0
@@ -623,6 +625,10 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("batch_limit",
           "storage group-commit batch size (1..10000)",
           parse=_int(1, 10_000)),
+    _Spec("workers",
+          "public-listener worker processes in front of the one storage owner (0: one per "
+          "core; 1: a single process, no workers; up to 64)",
+          parse=_int(0, 64)),
     _Spec("grace_secs",
           "shutdown grace in seconds",
           parse=_float(0, lo_open=False)),
@@ -640,6 +646,24 @@ _SPECS: tuple[_Spec, ...] = (
           parse=_float(0, lo_open=True)),
 )
 _SPEC_BY_NAME: Mapping[str, _Spec] = MappingProxyType({s.name: s for s in _SPECS})
+
+
+def settings_to_json(settings: Settings) -> str:
+    """The settings as a worker process gets them from its owner (exactly, secrets too:
+    through its environment, never its command line)."""
+    return json.dumps({f.name: (str(v) if isinstance(v := getattr(settings, f.name), Path)
+                                else v) for f in fields(Settings)})
+
+
+def settings_from_json(text: str) -> Settings:
+    data = json.loads(text)
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        value = data[f.name]
+        if value is not None and "Path" in str(f.type):
+            value = Path(value)
+        values[f.name] = value
+    return Settings(**values)
 
 
 def settings_table() -> str:

@@ -47,6 +47,7 @@ log = get_logger("web")
 MAX_UNIX_PATH = 107
 KEEP_ALIVE_SECS = 30.0  # an idle keep-alive connection is closed after this long
 READ_TIMEOUT_SECS = 10.0  # a request's head, and then its body, must arrive within this
+LISTEN_BACKLOG = 4096  # connections waiting to be accepted (capped by net.core.somaxconn)
 WRITE_TIMEOUT_SECS = 10.0  # a response not taken by the client within this ends it
 JSON = "application/json"
 
@@ -184,7 +185,7 @@ def bind_unix(path: Path, mode: int, dir_mode: int | None = None) -> socket.sock
     finally:
         os.umask(old)
     os.chmod(path, mode)
-    sock.listen(1024)
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -200,7 +201,7 @@ def bind_tcp(host: str, port: int) -> socket.socket:
         if exc.errno == errno.EADDRINUSE:
             raise ConfigError([f"{host}:{port} is already in use"]) from None
         raise ConfigError([f"cannot bind {host}:{port}: {exc.strerror}"]) from None
-    sock.listen(1024)
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -253,6 +254,9 @@ async def serve_app(app: QuartTrio, sock: socket.socket, *, grace: float,
     # hypercorn wraps the descriptor in a socket object it closes itself: give it a duplicate
     # so our socket (and the unix path it guards) stays ours to close.
     cfg.bind = [f"fd://{os.dup(sock.fileno())}"]
+    # hypercorn listens again with its own backlog (100): a burst of new connections past it
+    # was answered with resets. The kernel caps this at net.core.somaxconn.
+    cfg.backlog = LISTEN_BACKLOG
     cfg.accesslog = None  # token paths are in URLs: no access log
     cfg.errorlog = logging.getLogger("hypercorn.error")
     cfg.graceful_timeout = grace

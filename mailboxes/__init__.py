@@ -4,7 +4,16 @@ nothing of the application, the actors or the supervisors."""
 
 from mailboxes.dispatch import Dispatch, unhandled
 from mailboxes.errors import MailboxError, Unavailable, Unhandled, raise_as
-from mailboxes.mailbox import AnyMailbox, Asks, Envelope, Failure, Mailbox, Reply, Tells
+from mailboxes.mailbox import (
+    AnyMailbox,
+    Asks,
+    Envelope,
+    Failure,
+    Mailbox,
+    Reply,
+    ReplyTo,
+    Tells,
+)
 from mailboxes.outbox import Outbox
 
 __all__ = [
@@ -17,6 +26,7 @@ __all__ = [
     "MailboxError",
     "Outbox",
     "Reply",
+    "ReplyTo",
     "Tells",
     "Unavailable",
     "Unhandled",

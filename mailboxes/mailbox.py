@@ -167,10 +167,17 @@ def _deadlines() -> _Deadlines:
         return keeper
 
 
+class ReplyTo(Protocol):
+    """Where an answer goes: a parked requester's `Reply`, or a slot of a link that carries
+    the answer to a requester in another process (actors/worker.py)."""
+
+    def put(self, value: object) -> None: ...
+
+
 @dataclass(slots=True)
 class Envelope(Generic[M]):
     msg: M
-    reply_to: Reply | None
+    reply_to: ReplyTo | None
     deadline: float
 
     def expired(self, now: float) -> bool:
@@ -276,6 +283,18 @@ class Mailbox(Generic[M]):
                 except trio.WouldBlock:
                     break
                 handle(envelope)
+
+    def post(self, req: Asks[M, Any], reply_to: ReplyTo, deadline: float) -> bool:
+        """Hand on a request whose answer goes to `reply_to` (nobody waits here): a link
+        relaying requests from another process. False, and nothing sent, when the actor is
+        not serving or its mailbox is full."""
+        if not self.serving:
+            return False
+        try:
+            self._send.send_nowait(Envelope(req, reply_to, deadline))
+        except trio.WouldBlock:
+            return False
+        return True
 
     def forward(self, msg: Asks[M, Any], envelope: Envelope[Any]) -> None:
         """Pass `msg` on with `envelope`'s reply channel and deadline: the next actor answers."""

@@ -51,6 +51,14 @@ class Outbox(Generic[T]):
             reschedule(task)
         return True
 
+    def take_all(self) -> list[T]:
+        """Everything queued now, without waiting (a writer batching what piled up)."""
+        items = self._items
+        if not items:
+            return []
+        self._items = None
+        return list(items)
+
     async def get(self) -> T:
         """The next item, waiting for one (one reader only)."""
         if not self._items:

@@ -267,7 +267,7 @@ class Supervisor:
             self._restart_times.popleft()
         if len(self._restart_times) > self.intensity:
             log.error("restart intensity exceeded", supervisor=self.name,
-                      actor=child.spec.name, error=child.last_error)
+                      child=child.spec.name, error=child.last_error)
             raise Escalation(self.name, child.spec.name, child.last_error or "?")
 
     async def _keep(self, index: int, child: _Child, *,
@@ -321,10 +321,13 @@ class Supervisor:
                 child.started_at = None
                 child.exited.set()
 
+            if self._stop.is_set():  # stopping: whatever ended it, it is not restarted
+                if crashed is not None:
+                    log.warning("actor failed while stopping", child=child.spec.name,
+                                error=_describe(crashed))
+                child.state = "stopped"
+                return
             if crashed is None:
-                if self._stop.is_set():
-                    child.state = "stopped"
-                    return
                 if child.held:
                     child.state = "waiting"
                     await child.release.wait()
@@ -337,7 +340,7 @@ class Supervisor:
                     child.restart_requested = False
                     child.restarts += 1
                     self._count_restart(child)
-                    log.info("actor restarted on request", actor=child.spec.name)
+                    log.info("actor restarted on request", child=child.spec.name)
                     continue
                 # A child that returns on its own when nobody asked it to is a crash too.
                 crashed = RuntimeError("exited unexpectedly")
@@ -347,9 +350,9 @@ class Supervisor:
             child.attempt = 1 if ran_for > self.period else child.attempt + 1
             child.restarts += 1
             self._count_restart(child)
-            log.error("actor crashed", actor=child.spec.name, error=child.last_error,
+            log.error("actor crashed", child=child.spec.name, error=child.last_error,
                       restarts=child.restarts)
-            log.debug("crash traceback", actor=child.spec.name,
+            log.debug("crash traceback", child=child.spec.name,
                       traceback="".join(traceback.format_exception(crashed)))
             self._record_restart(child)
             if self.strategy is Strategy.REST_FOR_ONE:

@@ -20,6 +20,7 @@ data directory is locked, and the schema is migrated. Exit codes: 0 after a grac
 from __future__ import annotations
 
 import gc
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,20 +31,23 @@ import apsw
 import trio
 
 from actors.devchain import DevChainActor
+from actors.fanout import Fanout
 from actors.filter import Filter, FilterConfig
 from actors.hub import Hub
 from actors.internal import Internal, InternalConfig
 from actors.poller import Poller, PollerConfig
 from actors.public import Public, PublicConfig
 from actors.storage import Storage, StorageConfig
+from actors.worker import SharedListener, WorkerConfig, WorkerProcess
 from anon_ticket import fdlimit, gctune, schema
-from anon_ticket.config import Settings
+from anon_ticket.config import Settings, settings_to_json
 from anon_ticket.datadir import DataDir
 from anon_ticket.devchain import DevChain, plan_ports
 from anon_ticket.devcli import DEVCHAIN_DIR
 from anon_ticket.domain.address import validate_primary
 from anon_ticket.domain.commands import ActorState, RestartActor, Shutdown, TreeStatus
 from anon_ticket.domain.inboxes import (
+    FanoutMsg,
     FilterMsg,
     HubMsg,
     PollerMsg,
@@ -94,6 +98,8 @@ class Mailboxes:
         default_factory=lambda: Mailbox[FilterMsg]("filter", 65536))
     root: Mailbox[SupervisorMsg] = field(
         default_factory=lambda: Mailbox[SupervisorMsg]("supervisor", 64))
+    fanout: Mailbox[FanoutMsg] = field(
+        default_factory=lambda: Mailbox[FanoutMsg]("fanout", 65536))
 
     def by_name(self) -> dict[str, AnyMailbox]:
         return {"storage": self.storage, "filter": self.filter, "poller": self.poller,
@@ -105,6 +111,7 @@ class Tree:
     root: Supervisor
     mailboxes: Mailboxes
     metrics: Metrics
+    closers: list[Callable[[], None]] = field(default_factory=list)  # after the tree stops
 
 
 def _nested_status(actor: Runnable) -> tuple[ChildState, ...]:
@@ -132,7 +139,7 @@ async def _serve_root_commands(mailbox: Mailbox[SupervisorMsg], root: Supervisor
         except NoSuchChild as exc:
             env.fail(NotFound(str(exc)))
             return
-        supervisor_log.info("audit: restart actor", actor=env.msg.name)
+        supervisor_log.info("audit: restart actor", child=env.msg.name)
         env.reply(True)
 
     def shutdown(env: Envelope[Shutdown]) -> None:
@@ -144,6 +151,11 @@ async def _serve_root_commands(mailbox: Mailbox[SupervisorMsg], root: Supervisor
         TreeStatus: status, RestartActor: restart, Shutdown: shutdown}))
 
 
+def _stop_worker(actor: Runnable) -> None:
+    assert isinstance(actor, WorkerProcess)
+    actor.stop()
+
+
 async def _stop_listener(actor: Runnable) -> None:
     if isinstance(actor, Public):
         await actor.stop()  # websockets first (1001), then the HTTP grace wait
@@ -152,12 +164,7 @@ async def _stop_listener(actor: Runnable) -> None:
         actor.stop()
 
 
-def build_tree(settings: Settings, secret: bytes, *,
-               storage_factory: Callable[..., Storage] = Storage,
-               on_open: Callable[[apsw.Connection], None] | None = None,
-               events: Mailbox[HubMsg] | None = None) -> Tree:
-    """Wire the actors; `storage_factory` and `on_open` are seams for fault-injection tests,
-    `events` receives the poller's announcements (until the hub consumes them)."""
+def _network(settings: Settings) -> str | None:
     network = None
     if settings.primary_address:
         try:
@@ -167,30 +174,23 @@ def build_tree(settings: Settings, secret: bytes, *,
     if settings.dev_chain:
         # A regtest wallet's addresses carry mainnet's prefixes: say what the chain is.
         network = DEV_NETWORK
-    mb = Mailboxes()
-    metrics = Metrics()
-    metrics.disk.paths.update(data=settings.data_dir, database=settings.database_path.parent)
-    backoff = Backoff(settings.backoff_initial_secs, settings.backoff_max_secs)
-    limits = dict(intensity=settings.restart_intensity, period=settings.restart_period_secs,
-                  backoff=backoff, grace=settings.grace_secs,
-                  on_restart=lambda name: metrics.restarts.labels(name).inc())
+    return network
 
-    storage_cfg = StorageConfig(
-        db_path=settings.database_path,
-        secret=secret,
-        secret_path=DataDir(settings.data_dir).secret_path,
-        derivation=Derivation(settings.token_derivation),
-        batch_limit=settings.batch_limit,
-    )
-    filter_cfg = FilterConfig(
+
+def filter_config(settings: Settings) -> FilterConfig:
+    return FilterConfig(
         db_path=settings.database_path,
         bloom_entries=settings.pid_bloom_entries,
         bloom_fp_rate=settings.pid_bloom_fp_rate,
         cache_ttl=settings.pid_cache_ttl_secs,
         cache_capacity=settings.pid_cache_capacity,
     )
+
+
+def public_config(settings: Settings, network: str | None,
+                  inherited_fd: int | None = None, worker: int | None = None) -> PublicConfig:
     cap = fdlimit.connection_cap(settings.max_connections)
-    public_cfg = PublicConfig(
+    return PublicConfig(
         host=settings.bind_host,
         port=settings.bind_port,
         unix_socket=settings.unix_socket,
@@ -208,7 +208,40 @@ def build_tree(settings: Settings, secret: bytes, *,
         read_timeout=settings.read_timeout_secs,
         write_timeout=settings.write_timeout_secs,
         unknown_rate=settings.unknown_rate_per_sec,
+        inherited_fd=inherited_fd,
+        worker=worker,
     )
+
+
+def worker_count(settings: Settings) -> int:
+    """How many worker processes serve the public listener (1: none, the single process)."""
+    return settings.workers or os.cpu_count() or 1
+
+
+def build_tree(settings: Settings, secret: bytes, *,
+               storage_factory: Callable[..., Storage] = Storage,
+               on_open: Callable[[apsw.Connection], None] | None = None,
+               events: Mailbox[HubMsg] | None = None) -> Tree:
+    """Wire the actors; `storage_factory` and `on_open` are seams for fault-injection tests,
+    `events` receives the poller's announcements (until the hub consumes them)."""
+    network = _network(settings)
+    mb = Mailboxes()
+    metrics = Metrics()
+    metrics.disk.paths.update(data=settings.data_dir, database=settings.database_path.parent)
+    backoff = Backoff(settings.backoff_initial_secs, settings.backoff_max_secs)
+    limits = dict(intensity=settings.restart_intensity, period=settings.restart_period_secs,
+                  backoff=backoff, grace=settings.grace_secs,
+                  on_restart=lambda name: metrics.restarts.labels(name).inc())
+
+    storage_cfg = StorageConfig(
+        db_path=settings.database_path,
+        secret=secret,
+        secret_path=DataDir(settings.data_dir).secret_path,
+        derivation=Derivation(settings.token_derivation),
+        batch_limit=settings.batch_limit,
+    )
+    filter_cfg = filter_config(settings)
+    public_cfg = public_config(settings, network)
     internal_host, internal_port = settings.internal_bind or (None, None)
     internal_cfg = InternalConfig(
         unix_socket=settings.internal_socket_path,
@@ -220,13 +253,15 @@ def build_tree(settings: Settings, secret: bytes, *,
         grace=settings.grace_secs,
     )
 
+    workers = worker_count(settings)
+    replicas = mb.fanout if workers > 1 else None
     core = ChildSpec(
         "core",
         lambda: Supervisor("core", [
             ChildSpec("storage", lambda: storage_factory(
                 storage_cfg, mb.storage, mb.filter, metrics, on_open=on_open), mb.storage),
             ChildSpec("filter", lambda: Filter(filter_cfg, mb.filter, metrics, mb.storage,
-                                               hub=mb.hub), mb.filter),
+                                               hub=mb.hub, replicas=replicas), mb.filter),
         ], strategy=Strategy.REST_FOR_ONE, **limits),  # type: ignore[arg-type]
         status=_nested_status,
     )
@@ -255,11 +290,30 @@ def build_tree(settings: Settings, secret: bytes, *,
             lambda: WalletRpc(JsonRpc(url, login=rpc_login, timeout_cap=settings.rpc_timeout_secs)),
             mb.poller,
             mb.storage, metrics, events=events or mb.hub), mb.poller)
-    hub = ChildSpec("hub", lambda: Hub(mb.hub, metrics), mb.hub)
+    hub = ChildSpec("hub", lambda: Hub(mb.hub, metrics, replicas=replicas), mb.hub)
     public = ChildSpec("public", lambda: Public(public_cfg, mb.storage, mb.filter, metrics,
                                                 poller=mb.poller if poller else None,
                                                 hub=mb.hub, mailbox=mb.public),
                        mb.public, stop=_stop_listener)
+    closers: list[Callable[[], None]] = []
+    front: list[ChildSpec] = []
+    if workers > 1:
+        # docs/architecture.md §8: the public listener runs in worker processes; this one
+        # keeps storage, the poller, the hub and the internal socket.
+        listener = SharedListener(unix_path=settings.unix_socket, host=settings.bind_host,
+                                  port=settings.bind_port)
+        closers.append(listener.close)
+        worker_cfg = WorkerConfig(settings_json=settings_to_json(settings),
+                                  request_timeout=settings.request_timeout_secs)
+        targets: dict[str, Mailbox[Any]] = {"storage": mb.storage, "poller": mb.poller}
+
+        def worker(index: int) -> ChildSpec:
+            return ChildSpec(f"worker-{index}", lambda: WorkerProcess(
+                index, worker_cfg, listener, targets, mb.fanout), stop=_stop_worker)
+
+        fanout = ChildSpec("fanout", lambda: Fanout(
+            mb.fanout, metrics, ack_timeout=settings.request_timeout_secs / 2), mb.fanout)
+        front = [fanout, *(worker(i) for i in range(1, workers + 1))]
     internal = ChildSpec(
         "internal",
         lambda: Internal(internal_cfg, storage=mb.storage, filter_=mb.filter,
@@ -268,12 +322,15 @@ def build_tree(settings: Settings, secret: bytes, *,
                          hub=mb.hub),
         stop=_stop_listener,
     )
+    # Stopped in reverse: with workers, they go first (they drain their own connections),
+    # then the fanout, then the owner's actors.
+    listeners = [public, internal] if workers == 1 else [internal, *front]
     children = [*([devchain] if devchain else []), core, hub, *([poller] if poller else []),
-                public, internal]
+                *listeners]
     commands = Commands(mb.root, partial(_serve_root_commands, mb.root))
     root = Supervisor("root", children, strategy=Strategy.ONE_FOR_ONE,
                       commands=commands, **limits)  # type: ignore[arg-type]
-    return Tree(root, mb, metrics)
+    return Tree(root, mb, metrics, closers)
 
 
 async def _run_root(root: Supervisor, everything: trio.CancelScope, *,
@@ -330,7 +387,7 @@ async def _run_locked(settings: Settings, datadir: DataDir, signals: Any,
         return EXIT_CONFIG
     log.info("starting", settings=" ".join(f"{k}={v}" for k, v in settings.describe().items()))
     if settings.internal_tcp_warning:
-        log.warning(settings.internal_tcp_warning)
+        log.warning("internal listener warning", detail=settings.internal_tcp_warning)
     gc_before: tuple[int, int, int] | None = None
     try:
         async with trio.open_nursery() as nursery:
@@ -355,6 +412,8 @@ async def _run_locked(settings: Settings, datadir: DataDir, signals: Any,
         log.error("giving up", error=str(exc))
         return EXIT_FAILURE
     finally:
+        for close in tree.closers:
+            close()
         if tree.metrics.gc_times in gc.callbacks:
             gc.callbacks.remove(tree.metrics.gc_times)
         if gc_before is not None:

@@ -96,5 +96,10 @@ async def running_server(tmp_path: Path, **overrides: Any) -> AsyncIterator[Serv
         base_url="http://internal", timeout=20)
     async with trio.open_nursery() as nursery, client, internal:
         await nursery.start(tree.root.run)
-        yield Server(settings, tree, client, internal)
-        tree.root.request_stop("test over")
+        try:
+            yield Server(settings, tree, client, internal)
+        finally:
+            tree.root.request_stop("test over")
+            nursery.cancel_scope.deadline = trio.current_time() + 30
+    for close in tree.closers:
+        close()

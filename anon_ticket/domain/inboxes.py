@@ -22,10 +22,13 @@ from anon_ticket.domain.commands import (
     TreeStatus,
 )
 from anon_ticket.domain.messages import (
+    Acked,
     AddPids,
+    Attach,
     Claim,
     Committed,
     Confirmations,
+    Detach,
     ListSkipped,
     Lookup,
     LookupToken,
@@ -37,6 +40,7 @@ from anon_ticket.domain.messages import (
     RecentTransfers,
     RecordTransfers,
     Redeem,
+    Replicated,
     Revoke,
     SightingGone,
 )
@@ -45,9 +49,12 @@ from anon_ticket.domain.watch import Drop, Replay, Subscribe, Unsubscribe
 StorageMsg = (Claim | LookupToken | Revoke | RecordTransfers | ReadCursor | RecentTransfers
               | MarkVanished | ReadTicketState | ListSkipped | StorageStats | StorageHealth
               | Backup)
-FilterMsg = Redeem | Lookup | AddPids | Committed | FilterStats
+FilterMsg = Redeem | Lookup | AddPids | Committed | Replicated | FilterStats
 HubMsg = (Publish | PaymentSeen | Confirmations | SightingGone | Subscribe | Unsubscribe | Drop
           | Replay | HubStats)
+# The owner's fanout to its worker processes' links (docs/architecture.md §8)
+FanoutMsg = (AddPids | Committed | PaymentSeen | Confirmations | SightingGone | Attach | Detach
+             | Acked)
 PollerMsg = PollerStatus | PausePoller | ResumePoller | RescanFrom
 PublicMsg = Drain
 SupervisorMsg = TreeStatus | RestartActor | Shutdown  # the root supervisor's commands

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Generic, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar
 
 from anon_ticket.domain.ids import PaymentId, ServiceToken
 
@@ -322,6 +322,49 @@ class SightingGone(Notice):
 
     pid: PaymentId
     txid: str
+
+
+# --- worker processes (docs/architecture.md §8) ----------------------------------------------
+
+
+class WorkerQueue(Protocol):
+    """A worker's outbound queue as the fanout sees it: put without waiting (False: full),
+    and `mark_slow` to give the worker up (its link ends, the process is restarted)."""
+
+    def put(self, item: list[Any]) -> bool: ...
+
+    def mark_slow(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Replicated(Notice):
+    """The owner's new payment ids and their transaction's events, for a worker's filter:
+    into its Bloom filter first, then the events to its hub (I8, across processes)."""
+
+    pids: tuple[PaymentId, ...]
+    events: tuple[TicketEvent, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Attach(Request[bool]):
+    """A worker's link is up: every push from now on goes to `queue` too."""
+
+    index: int
+    queue: WorkerQueue
+
+
+@dataclass(frozen=True, slots=True)
+class Detach(Notice):
+    index: int
+    queue: WorkerQueue
+
+
+@dataclass(frozen=True, slots=True)
+class Acked(Notice):
+    """Worker `index` has the `push_id`-th replication in its filter's queue."""
+
+    index: int
+    push_id: int
 
 
 # The largest height (or cursor) storage can hold: SQLite integers are 64-bit.

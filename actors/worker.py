@@ -1,0 +1,240 @@
+"""One worker process, as the owner's supervisor sees it (docs/architecture.md §8).
+
+The actor starts `python -m anon_ticket.worker` with two inherited descriptors, the public
+listening socket (bound once by the owner: `SharedListener`) and its end of a unix socket
+pair for the link, then serves that link: the worker's requests go to the owner's storage and
+poller mailboxes with a reply slot that sends the answer back (no task per request), and what
+the fanout queues for this worker goes out in one frame per wake-up.
+
+The actor ends, and the supervisor restarts it with the usual backoff and intensity, when the
+process exits, its link closes or falls silent (a hung worker: heartbeat), or the fanout
+gives it up. On the way out the process is killed if it still runs. A graceful stop sends
+SIGTERM: the worker drains its own connections and exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from anon_ticket.domain.inboxes import FanoutMsg
+from anon_ticket.domain.messages import Acked, Attach, Detach
+from anon_ticket.errors import AnonTicketError
+from anon_ticket.logs import get_logger
+from anon_ticket.web import describe_socket, listening_socket
+from anon_ticket.wire import (
+    FrameReader,
+    WireError,
+    decode_ask,
+    encode_failure,
+    encode_reply,
+    frame,
+)
+from mailboxes import Failure, Mailbox, Outbox
+
+log = get_logger("worker")
+
+HELLO_TIMEOUT = 30.0
+QUEUE = 65536  # messages queued for one worker before it is given up
+
+
+class WorkerLost(AnonTicketError):
+    """The worker process exited, or its link ended: restart it."""
+
+
+class SharedListener:
+    """The public listening socket, bound once by the owner and inherited by every worker
+    (one accept queue: a worker that dies loses none of the connections waiting in it, as
+    SO_REUSEPORT's per-socket queues would)."""
+
+    def __init__(self, *, unix_path: Path | None, host: str | None, port: int | None) -> None:
+        self._args = dict(unix_path=unix_path, mode=0o666, host=host, port=port)
+        self._stack = contextlib.ExitStack()
+        self._sock: socket.socket | None = None
+
+    def socket(self) -> socket.socket:
+        if self._sock is None:
+            self._sock = self._stack.enter_context(listening_socket(**self._args))  # type: ignore[arg-type]
+            log.info("public listener serving", address=describe_socket(self._sock))
+        return self._sock
+
+    def close(self) -> None:
+        self._stack.close()
+        self._sock = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    settings_json: str  # the worker's Settings (anon_ticket/worker.py reads them)
+    request_timeout: float
+    heartbeat: float = 1.0
+    silence: float = 5.0
+
+
+class _Answer:
+    """A reply slot whose answer goes back over the link to the worker that asked."""
+
+    __slots__ = ("queue", "rid")
+
+    def __init__(self, queue: Outbox[list[Any]], rid: int) -> None:
+        self.queue = queue
+        self.rid = rid
+
+    def put(self, value: object) -> None:
+        if isinstance(value, Failure):
+            kind, text, retry_after = encode_failure(value.error)
+            item: list[Any] = ["fail", self.rid, kind, text, retry_after]
+        else:
+            shape, encoded = encode_reply(value)
+            item = ["reply", self.rid, shape, encoded]
+        if not self.queue.put(item):
+            self.queue.mark_slow()
+
+
+class WorkerProcess:
+    def __init__(self, index: int, config: WorkerConfig, listener: SharedListener,
+                 targets: dict[str, Mailbox[Any]], fanout: Mailbox[FanoutMsg]) -> None:
+        self.name = f"worker-{index}"
+        self.index = index
+        self.config = config
+        self.listener = listener
+        self.targets = targets  # the owner's mailboxes a worker may ask: storage, poller
+        self.fanout = fanout
+        self.process: trio.Process | None = None
+        self._stopping = False
+        self._heard = 0.0
+
+    def stop(self) -> None:
+        """Graceful: the worker closes its watchers, finishes in-flight requests, exits."""
+        self._stopping = True
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        public = self.listener.socket()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        queue: Outbox[list[Any]] = Outbox(QUEUE)
+        try:
+            with theirs:
+                env = {**os.environ, "ANON_TICKET_WORKER_SETTINGS": self.config.settings_json}
+                self.process = await trio.lowlevel.open_process(
+                    [sys.executable, "-m", "anon_ticket.worker", str(self.index),
+                     str(theirs.fileno()), str(public.fileno())],
+                    pass_fds=(theirs.fileno(), public.fileno()), env=env,
+                    start_new_session=True)  # a terminal's ^C reaches the owner only
+            log.info("worker started", worker=self.index, os_pid=self.process.pid)
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+            with queue.scope:  # cancelled by the fanout when it gives this worker up
+                async with stream, trio.open_nursery() as nursery:
+                    nursery.start_soon(self._exited, nursery.cancel_scope)
+                    reader = FrameReader()
+                    with trio.fail_after(HELLO_TIMEOUT):
+                        await self._hello(stream, reader)
+                    await self.fanout.ask(Attach(self.index, queue), self.config.request_timeout)
+                    queue.put(["attached"])
+                    nursery.start_soon(self._writer, stream, queue)
+                    nursery.start_soon(self._beat, queue)
+                    task_status.started()
+                    await self._read(stream, reader, queue)
+        finally:
+            with contextlib.suppress(AnonTicketError):
+                self.fanout.tell(Detach(self.index, queue))
+            with trio.CancelScope(shield=True):
+                await self._reap()
+        if queue.slow:
+            raise WorkerLost("given up by the fanout (too slow to acknowledge or read)")
+        if not self._stopping:
+            raise WorkerLost(f"worker exited with {self._code()}")
+
+    def _code(self) -> object:
+        return None if self.process is None else self.process.returncode
+
+    async def _exited(self, scope: trio.CancelScope) -> None:
+        assert self.process is not None
+        await self.process.wait()
+        scope.cancel()
+
+    async def _reap(self) -> None:
+        proc = self.process
+        if proc is None:
+            return
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        code = proc.returncode
+        if self._stopping and code == 0:
+            log.info("worker stopped", worker=self.index)
+        else:
+            log.warning("worker ended", worker=self.index, code=code)
+
+    async def _hello(self, stream: trio.SocketStream, reader: FrameReader) -> None:
+        while True:
+            data = await stream.receive_some(1 << 16)
+            if not data:
+                raise WorkerLost("worker closed its link before saying hello")
+            messages = reader.feed(data)
+            if messages:
+                hello = messages[0]
+                if hello[:2] != ["hello", self.index] or len(messages) > 1:
+                    raise WireError(f"expected hello from worker {self.index}")
+                self._heard = trio.current_time()
+                return
+
+    async def _read(self, stream: trio.SocketStream, reader: FrameReader,
+                    queue: Outbox[list[Any]]) -> None:
+        timeout = self.config.request_timeout
+        while True:
+            try:
+                data = await stream.receive_some(1 << 16)
+            except trio.BrokenResourceError:
+                data = b""
+            if not data:
+                if self._stopping:
+                    return  # its process exits: _exited ends the nursery
+                raise WorkerLost(f"worker {self.index} closed its link")
+            self._heard = trio.current_time()
+            for msg in reader.feed(data):
+                kind = msg[0]
+                if kind == "ask":
+                    rid, what, arg = msg[1], msg[2], msg[3]
+                    target, req = decode_ask(what, arg)
+                    mailbox = self.targets.get(target)
+                    deadline = trio.current_time() + timeout
+                    if mailbox is None or not mailbox.post(req, _Answer(queue, rid), deadline):
+                        queue.put(["fail", rid, "unavailable", f"{target} is not available", 1])
+                elif kind == "ack":
+                    self.fanout.tell(Acked(self.index, msg[1]))
+                elif kind != "beat":
+                    raise WireError(f"unknown message {kind!r} from worker {self.index}")
+
+    async def _writer(self, stream: trio.SocketStream, queue: Outbox[list[Any]]) -> None:
+        while True:
+            first = await queue.get()
+            items = [first, *queue.take_all()]
+            with trio.move_on_after(self.config.silence) as timer:
+                try:
+                    await stream.send_all(frame(items))
+                except trio.BrokenResourceError:
+                    if self._stopping:
+                        return  # it closed its link on its way out: wait for its exit
+                    raise WorkerLost(f"worker {self.index} closed its link") from None
+            if timer.cancelled_caught:
+                raise WorkerLost(f"worker {self.index} stopped reading its link")
+
+    async def _beat(self, queue: Outbox[list[Any]]) -> None:
+        while True:
+            await trio.sleep(self.config.heartbeat)
+            if self._stopping:
+                return  # the supervisor's grace period bounds a stop
+            if trio.current_time() - self._heard > self.config.silence:
+                raise WorkerLost(f"worker {self.index} silent for {self.config.silence:g} s "
+                                 "(hung)")
+            queue.put(["beat"])
