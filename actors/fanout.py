@@ -27,6 +27,7 @@ from anon_ticket.domain.messages import (
     Confirmations,
     Detach,
     PaymentSeen,
+    Settle,
     SightingGone,
     WorkerQueue,
 )
@@ -47,8 +48,8 @@ class Fanout:
         self.metrics = metrics
         self.ack_timeout = ack_timeout
         self._workers: dict[int, WorkerQueue] = {}
-        # push id -> (the poller's envelope, workers yet to acknowledge, deadline)
-        self._waiting: dict[int, tuple[Envelope[AddPids], set[int], float]] = {}
+        # push id -> (whom to answer, the answer, workers yet to acknowledge, deadline)
+        self._waiting: dict[int, tuple[Envelope[Any], object, set[int], float]] = {}
         self._ids = itertools.count(1)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -57,6 +58,7 @@ class Fanout:
             task_status.started()
             await self.mailbox.serve(Dispatch(self.name, {
                 AddPids: self._replicate,
+                Settle: self._barrier,
                 Committed: self._push,
                 PaymentSeen: self._push,
                 Confirmations: self._push,
@@ -90,11 +92,11 @@ class Fanout:
 
     def _settle(self, index: int) -> None:
         """`index` is gone: nothing waits for its acknowledgements any more."""
-        for push_id, (env, left, _) in list(self._waiting.items()):
+        for push_id, (env, answer, left, _) in list(self._waiting.items()):
             left.discard(index)
             if not left:
                 del self._waiting[push_id]
-                env.reply(env.msg.ack)
+                env.reply(answer)
 
     def _send(self, item: list[Any]) -> set[int]:
         sent = set()
@@ -107,23 +109,33 @@ class Fanout:
 
     # --- what the owner hears ---------------------------------------------------------------
 
+    def _acknowledged(self, env: Envelope[Any], answer: object, what: str,
+                      value: object) -> None:
+        """Push to every worker; answer `env` once each has acknowledged (or is gone)."""
+        push_id = next(self._ids)
+        sent = self._send(["push", push_id, what, value])
+        if sent:
+            self._waiting[push_id] = (env, answer, sent, trio.current_time() + self.ack_timeout)
+        else:
+            env.reply(answer)
+
     def _replicate(self, env: Envelope[AddPids]) -> None:
         msg = env.msg
-        push_id = next(self._ids)
-        sent = self._send(["push", push_id, "replicate",
-                           [[p.raw for p in msg.pids], encode_events(msg.events)]])
-        if sent:
-            self._waiting[push_id] = (env, sent, trio.current_time() + self.ack_timeout)
-        else:
-            env.reply(msg.ack)
+        self._acknowledged(env, msg.ack, "replicate",
+                           [[p.raw for p in msg.pids], encode_events(msg.events)])
+
+    def _barrier(self, env: Envelope[Settle]) -> None:
+        """The invalidations pushed before this are queued in every worker's filter once it
+        acknowledges this: then the revoke's (or top-up's) requester hears back."""
+        self._acknowledged(env, env.msg.answer, "barrier", None)
 
     def _acked(self, env: Envelope[Acked]) -> None:
         entry = self._waiting.get(env.msg.push_id)
         if entry is not None:
-            entry[1].discard(env.msg.index)
-            if not entry[1]:
+            entry[2].discard(env.msg.index)
+            if not entry[2]:
                 del self._waiting[env.msg.push_id]
-                entry[0].reply(entry[0].msg.ack)
+                entry[0].reply(entry[1])
 
     def _push(self, env: Envelope[Committed | PaymentSeen | Confirmations | SightingGone]
               ) -> None:
@@ -135,7 +147,7 @@ class Fanout:
         while True:
             await trio.sleep(self.ack_timeout / 4)
             now = trio.current_time()
-            late = {i for _, left, deadline in self._waiting.values() if deadline < now
+            late = {i for _, _, left, deadline in self._waiting.values() if deadline < now
                     for i in left}
             for index in late:
                 self._give_up(index, "no acknowledgement in time")

@@ -43,6 +43,7 @@ from anon_ticket.domain.messages import (
     Publish,
     Redeem,
     Replicated,
+    Settle,
     TicketEvent,
 )
 from anon_ticket.errors import AnonTicketError, Unavailable
@@ -120,6 +121,7 @@ class Filter:
             AddPids: self._add,
             Committed: self._committed,
             Replicated: self._replicated,
+            Settle: self._settle,
             FilterStats: self._stats,
         }))
 
@@ -173,6 +175,14 @@ class Filter:
             env.reply(msg.ack)
         if msg.events:
             self._to_hub(msg.events)
+
+    def _settle(self, env: Envelope[Settle]) -> None:
+        """The transaction's invalidations are applied here (they came first): answer, or
+        let the fanout answer once every worker has them queued too."""
+        if self.replicas is not None:
+            self.replicas.forward(env.msg, env)
+        else:
+            env.reply(env.msg.answer)
 
     def _replicated(self, env: Envelope[Replicated]) -> None:
         """A worker's replica: the owner's new ids, then their events to this process's hub."""

@@ -146,6 +146,8 @@ class Link:
             await self.filter.tell_wait(Replicated(tuple(PaymentId(p) for p in pids),
                                                    decode_events(events)))
             self._send(["ack", push_id])
+        elif what == "barrier":  # what came before it is queued: say so
+            self._send(["ack", push_id])
         elif what == "committed":
             await self.filter.tell_wait(decode_committed(value))
         elif what in ("seen", "confirmations", "gone"):

@@ -56,6 +56,7 @@ from anon_ticket.domain.messages import (
     RecordedTransfer,
     RecordTransfers,
     Revoke,
+    Settle,
     SkippedRow,
     TicketEvent,
     TicketState,
@@ -159,9 +160,11 @@ class _Undo(Exception):
 
 @dataclass(frozen=True, slots=True)
 class _Forward:
-    """Answer through the filter: it replies once the new payment ids are in the Bloom filter."""
+    """Answer through the filter, after this transaction's effects: it replies once the new
+    payment ids are in the Bloom filter (AddPids), or once invalidated cached answers are
+    gone everywhere (Settle)."""
 
-    msg: AddPids
+    msg: AddPids | Settle
 
 
 # A handler's answer (the reply, a Failure, or a _Forward) and what the filter must hear.
@@ -281,10 +284,14 @@ class Storage:
                 except trio.WouldBlock:
                     break
             try:
+                forwards: list[tuple[Envelope[StorageMsg], AddPids | Settle]] = []
                 for group in self._transactions(self._live(batch)):
-                    effects = self._transaction(group)
+                    effects = self._transaction(group, forwards)
                     if effects:  # before the next transaction: nothing committed is lost
                         await self._tell_filter(effects)
+                    for env, msg in forwards:  # answered by the filter (or the fanout)
+                        self.filter.forward(msg, env)
+                    forwards.clear()
             except BaseException:
                 # A bug, not a database condition: nobody of this batch waits forever.
                 for env in batch:
@@ -347,7 +354,9 @@ class Storage:
         if group:
             yield group
 
-    def _transaction(self, group: list[Envelope[StorageMsg]]) -> list[Effect]:
+    def _transaction(self, group: list[Envelope[StorageMsg]],
+                     forwards: list[tuple[Envelope[StorageMsg], AddPids | Settle]]
+                     ) -> list[Effect]:
         conn = self._conn
         assert conn is not None
         started = time.perf_counter()
@@ -404,7 +413,7 @@ class Storage:
             kind = type(env.msg)
             counts[kind] = counts.get(kind, 0) + 1
             if isinstance(answer, _Forward):
-                self.filter.forward(answer.msg, env)
+                forwards.append((env, answer.msg))  # after the effects, in order
             else:
                 env.reply(answer)
         for kind, n in counts.items():
@@ -503,7 +512,8 @@ class Storage:
         log.info("token revoked", token=msg.token.redacted(), abuse_score=score)
         event = self._event(EventKind.REVOKED, PaymentId(pid), msg.token.raw, seq,
                             abuse_score=score)
-        return self._token_info(msg.token)[1], (Invalidate((PaymentId(pid),)), Publish((event,)))
+        return (_Forward(Settle(self._token_info(msg.token)[1])),
+                (Invalidate((PaymentId(pid),)), Publish((event,))))
 
     def _record(self, msg: RecordTransfers) -> Handled:
         now = self._now
@@ -552,7 +562,7 @@ class Storage:
             return _Forward(AddPids(tuple(new_pids), recorded, tuple(events))), effects
         if events:
             effects = (*effects, Publish(tuple(events)))
-        return recorded, effects
+        return (_Forward(Settle(recorded)) if topped else recorded), effects
 
     def _read_cursor(self, msg: ReadCursor) -> Handled:
         row = self._one("SELECT value FROM state WHERE key = 'cursor'", ())
@@ -585,7 +595,8 @@ class Storage:
         else:
             log.warning("transfer vanished (reorg); no longer claimable",
                         pid=msg.pid.redacted(), amount=amount)
-        return Vanished(msg.pid, amount, claimed), (Invalidate((msg.pid,)), Publish((event,)))
+        return (_Forward(Settle(Vanished(msg.pid, amount, claimed))),
+                (Invalidate((msg.pid,)), Publish((event,))))
 
     def _ticket_state(self, msg: ReadTicketState) -> Handled:
         if msg.token is not None:

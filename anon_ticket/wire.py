@@ -10,13 +10,14 @@ worker -> owner
     ["hello", index, os_pid]
     ["ask", id, what, arg]            what: claim | token | state_pid | state_token
                                       | poller_status | storage_health
-    ["ack", push_id]                  a `replicate` push is in the worker's filter queue
+    ["ack", push_id]                  a `replicate` (or all before a `barrier`) is in the
+                                      worker's filter queue
     ["beat"]
 owner -> worker
     ["reply", id, shape, value]       shape: claimed | token_info | state | figures
     ["fail", id, kind, text, retry_after]
-    ["push", push_id, what, value]    what: replicate (ack wanted) | committed | seen
-                                      | confirmations | gone | drain
+    ["push", push_id, what, value]    what: replicate, barrier (both acknowledged)
+                                      | committed | seen | confirmations | gone
     ["beat"]
 """
 

@@ -42,6 +42,7 @@ from anon_ticket.domain.messages import (
     Redeem,
     Replicated,
     Revoke,
+    Settle,
     SightingGone,
 )
 from anon_ticket.domain.watch import Drop, Replay, Subscribe, Unsubscribe
@@ -49,12 +50,12 @@ from anon_ticket.domain.watch import Drop, Replay, Subscribe, Unsubscribe
 StorageMsg = (Claim | LookupToken | Revoke | RecordTransfers | ReadCursor | RecentTransfers
               | MarkVanished | ReadTicketState | ListSkipped | StorageStats | StorageHealth
               | Backup)
-FilterMsg = Redeem | Lookup | AddPids | Committed | Replicated | FilterStats
+FilterMsg = Redeem | Lookup | AddPids | Committed | Replicated | Settle | FilterStats
 HubMsg = (Publish | PaymentSeen | Confirmations | SightingGone | Subscribe | Unsubscribe | Drop
           | Replay | HubStats)
 # The owner's fanout to its worker processes' links (docs/architecture.md §8)
-FanoutMsg = (AddPids | Committed | PaymentSeen | Confirmations | SightingGone | Attach | Detach
-             | Acked)
+FanoutMsg = (AddPids | Settle | Committed | PaymentSeen | Confirmations | SightingGone | Attach
+             | Detach | Acked)
 PollerMsg = PollerStatus | PausePoller | ResumePoller | RescanFrom
 PublicMsg = Drain
 SupervisorMsg = TreeStatus | RestartActor | Shutdown  # the root supervisor's commands

@@ -275,6 +275,16 @@ class Invalidate:
     pids: tuple[PaymentId, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Settle(Request[object]):
+    """Storage to the filter, after a transaction that invalidated cached answers (a revoke,
+    a top-up, a vanished transfer): answer the requester with `answer` only once the
+    invalidation is applied everywhere (with worker processes, once every worker has it
+    queued: docs/architecture.md §8). Storage forwards the requester's reply slot with it."""
+
+    answer: object
+
+
 # One change of a storage transaction that the filter must hear of: a cache fill, an
 # invalidation, or events for the hub.
 Effect = CacheClaim | Invalidate | Publish

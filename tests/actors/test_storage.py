@@ -13,14 +13,17 @@ import pytest
 import trio
 
 from actors.hub import Replay
-from actors.storage import Storage
+from actors.storage import Storage, StorageConfig
+from anon_ticket import schema
 from anon_ticket.domain.commands import Backup, StorageHealth, StorageStats
 from anon_ticket.domain.ids import PaymentId, ServiceToken
 from anon_ticket.domain.messages import (
     Claim,
     Claimed,
     ClaimStatus,
+    Committed,
     EventKind,
+    Invalidate,
     Lookup,
     LookupToken,
     Presence,
@@ -28,11 +31,14 @@ from anon_ticket.domain.messages import (
     Recorded,
     RecordTransfers,
     Revoke,
+    Settle,
     SkippedTransfer,
     Transfer,
 )
 from anon_ticket.domain.tokens import derive_hmac
 from anon_ticket.errors import BackupFailed, InvalidInput, NotFound, Unavailable
+from anon_ticket.metrics import Metrics
+from mailboxes import Mailbox
 from supervisors.mailbox import Envelope
 from tests.actors.core import ReplySlot, faulty_disk, run_core
 
@@ -498,3 +504,50 @@ async def test_a_checkpoint_on_a_full_disk_is_skipped_not_a_crash(tmp_path: Path
             disk.full = False
             assert await trio.to_thread.run_sync(actor._checkpoint, "PASSIVE") is not None
             assert core.supervisor.status()[0].restarts == 0
+
+
+async def test_a_revoke_and_a_top_up_are_answered_through_the_filter_after_their_effects(
+        tmp_path: Path) -> None:
+    # With worker processes, cached answers live in several processes: the requester of a
+    # revoke or a top-up hears back only once the filter (and through it every worker) has
+    # the invalidation. So storage hands the answer on as a Settle, after the Committed.
+    db = tmp_path / "anon-ticket.db"
+    schema.migrate(db)
+    smb: Mailbox[Any] = Mailbox("storage")
+    fmb: Mailbox[Any] = Mailbox("filter")  # nobody serves it: we play the filter
+    storage = Storage(StorageConfig(db, b"s" * 32, tmp_path / "token.secret"), smb, fmb,
+                      Metrics())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(storage.run)
+        smb.serving = True
+        pid = PaymentId.generate()
+        nursery.start_soon(smb.ask, RecordTransfers((Transfer(os.urandom(32), pid, 5, 10),)),
+                           5)
+        with trio.fail_after(5):
+            while True:  # its AddPids: answer it as the filter would
+                env = await fmb.inbox.receive()
+                if env.reply_to is not None:
+                    env.reply(env.msg.ack)
+                    break
+        token = (await smb.ask(Claim(pid), 5)).token
+        for request in (RecordTransfers((Transfer(os.urandom(32), pid, 6, 11),)),
+                        Revoke(token, "abuse", 1)):
+            answered: list[object] = []
+
+            async def ask(request: Any = request, answered: list[object] = answered) -> None:
+                answered.append(await smb.ask(request, 5))
+
+            nursery.start_soon(ask)
+            got: list[Any] = []
+            with trio.fail_after(5):
+                while not got or type(got[-1]) is not Settle:
+                    env = await fmb.inbox.receive()
+                    got.append(env.msg)
+            assert type(got[-2]) is Committed and type(got[-1]) is Settle
+            assert any(isinstance(e, Invalidate) for e in got[-2].effects)
+            await trio.testing.wait_all_tasks_blocked()
+            assert answered == []  # not before the filter says so
+            env.reply(env.msg.answer)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(answered) == 1
+        nursery.cancel_scope.cancel()

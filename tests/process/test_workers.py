@@ -204,3 +204,20 @@ async def test_watchers_on_every_worker_get_the_events_in_order(tmp_path: Path) 
             assert [(m["type"], m.get("seq")) for m in mine] == [
                 ("state", 0), ("payment_confirmed", 1), ("payment_confirmed", 2),
                 ("claimed", 3)], mine
+
+
+async def test_a_top_up_reaches_every_workers_cache_before_it_is_acknowledged(
+        tmp_path: Path) -> None:
+    async with running_server(tmp_path, workers=WORKERS) as srv:
+        await workers_serving(srv)
+        async with fresh_client(srv) as client:
+            for _ in range(20):
+                pid = PaymentId.generate()
+                await srv.pay(pid, 100)
+                await client.post("/api/v1/redeem", json={"pid": pid.hex()})
+                for _ in range(4):  # cached by now in whichever workers answered
+                    await client.post("/api/v1/redeem", json={"pid": pid.hex()})
+                await srv.pay(pid, 11)  # a top-up: acknowledged once every cache forgot it
+                balances = {(await client.post("/api/v1/redeem", json={"pid": pid.hex()})
+                             ).json()["balance"] for _ in range(6)}
+                assert balances == {111}
