@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from anon_ticket import __version__, logs, preflight
+from anon_ticket import __version__, logs, tables
 from anon_ticket.client import add_client_parsers, run_client
 from anon_ticket.config import Settings, add_setting_flags, cli_values, load_settings
 from anon_ticket.datadir import DataDir
@@ -32,6 +32,7 @@ from anon_ticket.errors import (
 )
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+JSON_HELP = "print JSON (for scripts) instead of a table"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,24 +53,36 @@ def build_parser() -> argparse.ArgumentParser:
     new = pid.add_parser("new", help="draw a payment id and build its integrated address")
     new.add_argument("--address", required=True, help="the operator's primary address")
 
-    ctl = sub.add_parser("ctl", help="steer a running server over its internal socket")
+    ctl = sub.add_parser("ctl", help="steer a running server over its internal socket",
+                         description="Answers are printed as tables; --json (before or "
+                         "after the command) prints the server's JSON instead, for scripts.")
     ctl.add_argument("--socket", help="internal unix socket (default: the server's)")
+    ctl.add_argument("--json", action="store_true", help=JSON_HELP)
+    # `--json` after the command too; SUPPRESS keeps it from resetting one given before.
+    json_flag = argparse.ArgumentParser(add_help=False)
+    json_flag.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                           help=JSON_HELP)
     csub = ctl.add_subparsers(dest="ctl_cmd", required=True)
-    csub.add_parser("status", help="the actor tree and storage counters")
-    csub.add_parser("bloom", help="Bloom filter and cache figures")
-    sk = csub.add_parser("skipped", help="transfers that did not qualify")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return csub.add_parser(name, help=text, parents=[json_flag])
+
+    command("status", "the actor tree and storage counters")
+    command("bloom", "Bloom filter and cache figures")
+    sk = command("skipped", "transfers that did not qualify")
     sk.add_argument("--limit", type=int, default=100, help="at most this many (1..10000)")
-    rv = csub.add_parser("revoke", help="revoke a service token")
+    rv = command("revoke", "revoke a service token")
     rv.add_argument("token", help="the service token (64 hex)")
     rv.add_argument("--reason", help="why, kept with the token (at most 1024 characters)")
     rv.add_argument("--abuse-score", type=int, help="an integer from -32768 to 32767")
-    bk = csub.add_parser("backup", help="online backup written by the server")
+    bk = command("backup", "online backup written by the server")
     bk.add_argument("path", help="absolute path of the tar file the server writes")
-    rs = csub.add_parser("restart", help="restart one actor")
-    rs.add_argument("actor", help="storage, filter, hub, poller, public, internal or core")
-    csub.add_parser("shutdown", help="stop the server gracefully")
-    csub.add_parser("drain", help="answer claims with 503 and close watchers (before a stop)")
-    pl = csub.add_parser("poller", help="pause, resume or rescan the chain poller")
+    rs = command("restart", "restart one actor")
+    rs.add_argument("actor", help="an actor as `ctl status` names it: storage, filter, hub, "
+                    "poller, public, internal, core, fanout, worker-N, devchain")
+    command("shutdown", "stop the server gracefully")
+    command("drain", "answer claims with 503 and close watchers (before a stop)")
+    pl = command("poller", "pause, resume or rescan the chain poller")
     pl.add_argument("action", choices=["pause", "resume", "rescan"], help="what to do")
     pl.add_argument("--from", dest="from_height", type=int,
                     help="with rescan: the first height to scan again")
@@ -83,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("path", help="the tar file to write")
     r = db.add_parser("restore", help="replace the database from a backup (server stopped)")
     r.add_argument("path", help="a tar file written by db backup")
-    db.add_parser("check", help="check the invariants of the database")
+    ck = db.add_parser("check", help="check the invariants of the database")
+    ck.add_argument("--json", action="store_true", help=JSON_HELP)
     imp = db.add_parser("import-legacy", help="import the original anon-ticket's database")
     imp.add_argument("path", help="the original's SQLite database file")
     imp.add_argument("--rescan-from", type=int, help="make the poller rescan from this height")
@@ -96,8 +110,9 @@ def _settings(args: argparse.Namespace, env: dict[str, str] | None = None) -> Se
                          config_file)
 
 
-def _print(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True))
+def _print(data: Any, as_json: bool = True) -> None:
+    """An answer for scripts (JSON, keys sorted: the format `--json` keeps) or people."""
+    print(json.dumps(data, indent=2, sort_keys=True) if as_json else tables.render(data))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -139,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(settings: Settings) -> int:
     import trio
 
+    from anon_ticket import preflight  # imports the web stack: only `serve` needs it
     from supervisors.tree import run_server
 
     if settings.dev_chain and settings.monero_rpc_url:
@@ -235,7 +251,7 @@ def _ctl(settings: Settings, args: argparse.Namespace) -> int:
         if resp.status_code == 404:
             return EXIT_NOT_FOUND
         return EXIT_USAGE if resp.status_code < 500 else EXIT_FAILURE
-    _print(data)
+    _print(data, args.json)
     return EXIT_OK
 
 
@@ -257,7 +273,10 @@ def _db(settings: Settings, args: argparse.Namespace) -> int:
             print(f"problem: {line}")
         if problems:
             return EXIT_FAILURE
-        _print(audit.summary(db_path))
+        summary: dict[str, int | None] = dict(audit.summary(db_path))
+        if not args.json and summary["cursor"] == -1:
+            summary["cursor"] = None  # unset: `-` in the table
+        _print(summary, args.json)
         print("ok")
         return EXIT_OK
     # Writers: refuse while a server holds the data directory.

@@ -299,12 +299,12 @@ class DevChain:
                 except (OSError, ValueError):
                     continue
                 if _is_ours(pid, self.root):
-                    log.warning("stopping leftover child", child=f.stem, pid=pid)
+                    log.warning("stopping leftover child", child=f.stem, os_pid=pid)
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGTERM)
                     pids.append(pid)
             for pid in _wait_gone(pids, self.root, wait):
-                log.warning("leftover child ignored SIGTERM, SIGKILL", pid=pid)
+                log.warning("leftover child ignored SIGTERM, SIGKILL", os_pid=pid)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             _wait_gone(pids, self.root, 5.0)
@@ -378,7 +378,7 @@ class DevChain:
                 self.children[name] = proc
                 self._names[proc.pid] = name
                 (self.pid_dir / f"{name}.pid").write_text(f"{proc.pid}\n")
-                log.debug("child started", child=name, pid=proc.pid)
+                log.debug("child started", child=name, os_pid=proc.pid)
         except BaseException:
             self.terminate(started, grace=5.0)
             raise
@@ -403,7 +403,7 @@ class DevChain:
                     p.wait(timeout=max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     log.warning("child ignored SIGTERM, SIGKILL", child=self.name_of(p),
-                                pid=p.pid, grace=grace)
+                                os_pid=p.pid, grace=grace)
                     p.kill()
                     p.wait()
             for p in group:

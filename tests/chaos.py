@@ -555,7 +555,7 @@ class _Runner:
         server.stop()  # SIGTERM: a clean stop after all that
         report.clean_stop_exit = server.proc.returncode
         self._keep_log()
-        check = cli(self.data, "db", "check")
+        check = cli(self.data, "db", "check", "--json")
         report.db_check = (check.stdout + check.stderr)[-4000:]
         report.db_check_ok = check.returncode == 0
         try:

@@ -69,8 +69,9 @@ async def test_every_actor_answers_an_unknown_request_at_once_and_goes_on(
         assert [s.name for s in await mb.root.ask(TreeStatus(), 5)]
         assert restarts(srv) == before
         assert all(box.serving for box in boxes.values())
-    dropped = {r.getMessage() for r in caplog.records if r.name == "mailboxes"}
-    assert dropped == {f"{name} has no handler for BogusNote: dropped" for name in boxes}
+    dropped = {(r.getMessage(), r.actor, r.fields["notice"])  # type: ignore[attr-defined]
+               for r in caplog.records if r.name == "mailboxes"}
+    assert dropped == {("notice dropped: no handler", name, "BogusNote") for name in boxes}
 
 
 async def test_an_unhandled_request_is_a_server_error_for_http() -> None:

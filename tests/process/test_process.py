@@ -162,7 +162,7 @@ def test_sigkill_during_a_burst_of_claims_loses_no_token(tmp_path: Path) -> None
         assert 'anon_ticket_gc_threshold{generation="0"} 10000.0' in text  # not Python's 700
     finally:
         server.stop()
-    final = json.loads(cli(data, "db", "check").stdout.rsplit("}", 1)[0] + "}")
+    final = json.loads(cli(data, "db", "check", "--json").stdout.rsplit("}", 1)[0] + "}")
     assert final["claimed"] == 400
 
 
@@ -185,7 +185,7 @@ def test_operator_cli(tmp_path: Path) -> None:
     server = start_server(data)
     try:
         token = redeem(server.url, pids[0]).json()["service_token"]
-        sock = ["ctl", "--socket", str(server.internal_socket)]
+        sock = ["ctl", "--json", "--socket", str(server.internal_socket)]  # scripts' format
         status = cli(data, *sock, "status")
         assert status.returncode == 0
         assert json.loads(status.stdout)["storage"]["claimed"] == 1
