@@ -39,6 +39,7 @@ from anon_ticket.domain.commands import (
     Shutdown,
     StorageStats,
     TreeStatus,
+    WorkerMetrics,
 )
 from anon_ticket.domain.ids import ServiceToken
 from anon_ticket.domain.inboxes import (
@@ -48,12 +49,13 @@ from anon_ticket.domain.inboxes import (
     PublicMsg,
     StorageMsg,
     SupervisorMsg,
+    WorkerMsg,
 )
 from anon_ticket.domain.messages import MAX_HEIGHT, ListSkipped, Revoke
 from anon_ticket.errors import AnonTicketError, InvalidInput, Unavailable
 from anon_ticket.fdlimit import INTERNAL_CONNECTIONS
 from anon_ticket.logs import get_logger
-from anon_ticket.metrics import Metrics
+from anon_ticket.metrics import Metrics, merged_exposition
 from anon_ticket.web import (
     describe_socket,
     json_error,
@@ -125,7 +127,9 @@ class Internal:
                  mailboxes: Mapping[str, AnyMailbox], metrics: Metrics,
                  poller: Mailbox[PollerMsg] | None = None,
                  public: Mailbox[PublicMsg] | None = None,
-                 hub: Mailbox[HubMsg] | None = None) -> None:
+                 hub: Mailbox[HubMsg] | None = None,
+                 workers: Mapping[int, Mailbox[WorkerMsg]] | None = None) -> None:
+        self.workers = workers or {}  # worker processes (docs/architecture.md §8)
         self.poller = poller
         self.public = public
         self.hub = hub
@@ -182,7 +186,22 @@ class Internal:
         async def metrics() -> Response:
             for name, mb in self.mailboxes.items():
                 self.metrics.mailbox_depth.labels(name).set(mb.depth)
-            return Response(generate_latest(self.metrics.registry), status=200,
+            if not self.workers:
+                return Response(generate_latest(self.metrics.registry), status=200,
+                                content_type=CONTENT_TYPE_LATEST)
+            texts: dict[int, str] = {}
+
+            async def scrape(index: int, mailbox: Mailbox[WorkerMsg]) -> None:
+                try:
+                    texts[index] = await mailbox.ask(WorkerMetrics(), 2.0)
+                except AnonTicketError:
+                    pass  # restarting: its samples are missing from this scrape
+
+            async with trio.open_nursery() as nursery:
+                for index, mailbox in self.workers.items():
+                    nursery.start_soon(scrape, index, mailbox)
+            self.metrics.workers_scraped.set(len(texts))
+            return Response(merged_exposition(self.metrics.registry, texts), status=200,
                             content_type=CONTENT_TYPE_LATEST)
 
         @app.post("/api/v1/token/<token>/revoke")

@@ -21,12 +21,14 @@ import socket
 from typing import Any
 
 import trio
+from prometheus_client import generate_latest
 
 from anon_ticket.domain.ids import PaymentId
 from anon_ticket.domain.inboxes import FilterMsg, HubMsg, PollerMsg, StorageMsg
 from anon_ticket.domain.messages import Replicated
 from anon_ticket.errors import AnonTicketError
 from anon_ticket.logs import get_logger
+from anon_ticket.metrics import Metrics
 from anon_ticket.wire import (
     FrameReader,
     WireError,
@@ -54,8 +56,10 @@ class Link:
 
     def __init__(self, index: int, sock: socket.socket, *, storage: Mailbox[StorageMsg],
                  poller: Mailbox[PollerMsg], filter_: Mailbox[FilterMsg],
-                 hub: Mailbox[HubMsg], heartbeat: float = 1.0, silence: float = 5.0) -> None:
+                 hub: Mailbox[HubMsg], metrics: Metrics, heartbeat: float = 1.0,
+                 silence: float = 5.0) -> None:
         self.index = index
+        self.metrics = metrics
         self.sock = sock
         self.storage = storage
         self.poller = poller
@@ -132,6 +136,11 @@ class Link:
             env = self._pending.pop(msg[1], None)
             if env is not None:
                 env.fail(decode_failure(msg[2], msg[3], msg[4]))
+        elif kind == "ask":  # the owner asks this worker: only its metrics
+            if msg[2] != "metrics":
+                raise WireError(f"unknown request {msg[2]!r}")
+            self._send(["reply", msg[1], "text",
+                        generate_latest(self.metrics.registry).decode()])
         elif kind == "push":
             await self._push(msg[1], msg[2], msg[3])
         elif kind == "attached":

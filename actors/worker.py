@@ -15,17 +15,20 @@ SIGTERM: the worker drains its own connections and exits.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import socket
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from anon_ticket.domain.inboxes import FanoutMsg
+from anon_ticket.domain.commands import WorkerMetrics
+from anon_ticket.domain.inboxes import FanoutMsg, WorkerMsg
 from anon_ticket.domain.messages import Acked, Attach, Detach
 from anon_ticket.errors import AnonTicketError
 from anon_ticket.logs import get_logger
@@ -38,7 +41,7 @@ from anon_ticket.wire import (
     encode_reply,
     frame,
 )
-from mailboxes import Failure, Mailbox, Outbox
+from mailboxes import Envelope, Failure, Mailbox, Outbox, unhandled
 
 log = get_logger("worker")
 
@@ -101,9 +104,13 @@ class _Answer:
 
 class WorkerProcess:
     def __init__(self, index: int, config: WorkerConfig, listener: SharedListener,
-                 targets: dict[str, Mailbox[Any]], fanout: Mailbox[FanoutMsg]) -> None:
+                 targets: dict[str, Mailbox[Any]], fanout: Mailbox[FanoutMsg],
+                 mailbox: Mailbox[WorkerMsg] | None = None) -> None:
         self.name = f"worker-{index}"
         self.index = index
+        self.mailbox = mailbox  # what the owner asks of this worker (its metrics)
+        self._asks: dict[int, Envelope[Any]] = {}
+        self._ids = itertools.count(1)
         self.config = config
         self.listener = listener
         self.targets = targets  # the owner's mailboxes a worker may ask: storage, poller
@@ -142,6 +149,8 @@ class WorkerProcess:
                     queue.put(["attached"])
                     nursery.start_soon(self._writer, stream, queue)
                     nursery.start_soon(self._beat, queue)
+                    if self.mailbox is not None:
+                        nursery.start_soon(self.mailbox.serve, partial(self._ask, queue))
                     task_status.started()
                     await self._read(stream, reader, queue)
         finally:
@@ -153,6 +162,19 @@ class WorkerProcess:
             raise WorkerLost("given up by the fanout (too slow to acknowledge or read)")
         if not self._stopping:
             raise WorkerLost(f"worker exited with {self._code()}")
+
+    def _ask(self, queue: Outbox[list[Any]], env: Envelope[WorkerMsg]) -> None:
+        """The owner asks the worker (its metrics): answered when the worker answers."""
+        if not isinstance(env.msg, WorkerMetrics):
+            unhandled(self.name, env)
+            return
+        rid = next(self._ids)
+        self._asks[rid] = env
+        queue.put(["ask", rid, "metrics", None])
+        now = trio.current_time()
+        for old, waiting in list(self._asks.items()):  # whoever gave up
+            if waiting.deadline < now:
+                del self._asks[old]
 
     def _code(self) -> object:
         return None if self.process is None else self.process.returncode
@@ -212,6 +234,10 @@ class WorkerProcess:
                         queue.put(["fail", rid, "unavailable", f"{target} is not available", 1])
                 elif kind == "ack":
                     self.fanout.tell(Acked(self.index, msg[1]))
+                elif kind == "reply":
+                    env = self._asks.pop(msg[1], None)
+                    if env is not None and msg[2] == "text":
+                        env.reply(str(msg[3]))
                 elif kind != "beat":
                     raise WireError(f"unknown message {kind!r} from worker {self.index}")
 

@@ -8,13 +8,23 @@ from __future__ import annotations
 import gc
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client import disable_created_metrics as _disable_created
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 _disable_created()  # type: ignore[no-untyped-call]
 
@@ -133,6 +143,9 @@ class Metrics:
         self.token_requests = Counter(
             "api_token_requests", "Token requests by endpoint and outcome",
             ["endpoint", "status"], registry=r)
+        self.workers_scraped = Gauge(
+            "anon_ticket_workers_scraped", "Worker processes whose metrics this scrape has "
+            "(with --workers N, the others are restarting)", registry=r)
         self.wallet_height = Gauge("monitor_wallet_height", "Wallet height", registry=r)
         self.last_height = Gauge("monitor_last_height", "Highest height fully scanned",
                                  registry=r)
@@ -183,3 +196,31 @@ class Metrics:
                                    registry=r)
         self.alerts = Counter("anon_ticket_alerts", "Conditions an operator must look at",
                               ["kind"], registry=r)
+
+
+def merged_exposition(own: CollectorRegistry, workers: Mapping[int, str]) -> bytes:
+    """This process's metrics and its workers' (their text, as each scraped itself), as one
+    exposition: each family once, every worker's samples labelled `worker="N"`. So sums over
+    the family count every process, and one worker can still be told apart."""
+    families: dict[str, Metric] = {}
+    for family in own.collect():
+        families[family.name] = family
+    for index, text in sorted(workers.items()):
+        label = str(index)
+        for family in text_string_to_metric_families(text):
+            target = families.get(family.name)
+            if target is None:
+                target = families[family.name] = Metric(family.name, family.documentation,
+                                                        family.type, family.unit)
+            target.samples.extend(
+                Sample(s.name, {**s.labels, "worker": label}, s.value, s.timestamp, s.exemplar)
+                for s in family.samples)
+
+    class _Merged(Collector):
+        def collect(self) -> Iterable[Metric]:
+            return list(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged())
+    return generate_latest(registry)
+

@@ -54,6 +54,7 @@ from anon_ticket.domain.inboxes import (
     PublicMsg,
     StorageMsg,
     SupervisorMsg,
+    WorkerMsg,
 )
 from anon_ticket.domain.tokens import Derivation
 from anon_ticket.errors import (
@@ -100,6 +101,7 @@ class Mailboxes:
         default_factory=lambda: Mailbox[SupervisorMsg]("supervisor", 64))
     fanout: Mailbox[FanoutMsg] = field(
         default_factory=lambda: Mailbox[FanoutMsg]("fanout", 65536))
+    workers: dict[int, Mailbox[WorkerMsg]] = field(default_factory=dict)
 
     def by_name(self) -> dict[str, AnyMailbox]:
         return {"storage": self.storage, "filter": self.filter, "poller": self.poller,
@@ -308,8 +310,10 @@ def build_tree(settings: Settings, secret: bytes, *,
         targets: dict[str, Mailbox[Any]] = {"storage": mb.storage, "poller": mb.poller}
 
         def worker(index: int) -> ChildSpec:
+            mailbox = mb.workers[index] = Mailbox[WorkerMsg](f"worker-{index}", 16)
             return ChildSpec(f"worker-{index}", lambda: WorkerProcess(
-                index, worker_cfg, listener, targets, mb.fanout), stop=_stop_worker)
+                index, worker_cfg, listener, targets, mb.fanout, mailbox), mailbox,
+                stop=_stop_worker)
 
         fanout = ChildSpec("fanout", lambda: Fanout(
             mb.fanout, metrics, ack_timeout=settings.request_timeout_secs / 2), mb.fanout)
@@ -319,7 +323,7 @@ def build_tree(settings: Settings, secret: bytes, *,
         lambda: Internal(internal_cfg, storage=mb.storage, filter_=mb.filter,
                          supervisor=mb.root, mailboxes=mb.by_name(), metrics=metrics,
                          poller=mb.poller if poller else None, public=mb.public,
-                         hub=mb.hub),
+                         hub=mb.hub, workers=mb.workers),
         stop=_stop_listener,
     )
     # Stopped in reverse: with workers, they go first (they drain their own connections),

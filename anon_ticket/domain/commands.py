@@ -120,3 +120,13 @@ class RestartActor(Request[bool]):
 @dataclass(frozen=True, slots=True)
 class Shutdown(Request[bool]):
     reason: str
+
+
+# --- worker processes ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerMetrics(Request[str]):
+    """A worker process's metrics, in Prometheus' text format (the owner's /metrics merges
+    them, each sample labelled with its worker)."""
+

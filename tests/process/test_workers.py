@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import open_websocket_url
 
 from anon_ticket.domain.ids import PaymentId
@@ -221,3 +223,26 @@ async def test_a_top_up_reaches_every_workers_cache_before_it_is_acknowledged(
                 balances = {(await client.post("/api/v1/redeem", json={"pid": pid.hex()})
                              ).json()["balance"] for _ in range(6)}
                 assert balances == {111}
+
+
+async def test_one_metrics_scrape_on_the_owner_covers_every_worker(tmp_path: Path) -> None:
+    async with running_server(tmp_path, workers=WORKERS) as srv:
+        await workers_serving(srv)
+        async with fresh_client(srv) as client:
+            for _ in range(40):
+                await client.post("/api/v1/redeem", json={"pid": PaymentId.generate().hex()})
+        text = (await srv.internal.get("/metrics")).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}  # parses: valid
+    assert text.count("# TYPE api_redeem_requests_total ") == 1  # each family once
+    by_worker = {s.labels.get("worker"): s.value for s in families["api_redeem_requests"].samples
+                 if s.labels.get("status") == "not_found"}
+    assert set(by_worker) == {"1", "2"}  # each worker's (the owner serves no redeem)
+    assert by_worker["1"] + by_worker["2"] == 40
+    assert {s.labels.get("worker") for s in families["process_resident_memory_bytes"].samples
+            } == {None, "1", "2"}
+    assert families["anon_ticket_workers_scraped"].samples[0].value == WORKERS
+    if shutil.which("promtool"):  # the exposition as Prometheus reads it
+        checked = await trio.run_process(["promtool", "check", "metrics"], stdin=text.encode(),
+                                         capture_stdout=True, capture_stderr=True, check=False)
+        said = (checked.stdout + checked.stderr).decode().lower()
+        assert "error" not in said, said
