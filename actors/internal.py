@@ -71,7 +71,7 @@ log = get_logger("internal")
 
 I16 = (-32768, 32767)
 LIMIT = re.compile(r"[0-9]{1,5}")
-ACTOR_NAME = re.compile(r"[a-z]{1,32}")
+ACTOR_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")  # storage, worker-2, ...
 MAX_PATH_BYTES = 4096  # PATH_MAX
 
 
@@ -307,16 +307,28 @@ class Internal:
             await no_fields()
             if not ACTOR_NAME.fullmatch(name):
                 raise InvalidInput("invalid request: an actor's name is lowercase letters, "
-                                   "like storage, filter, poller, public, internal or core")
+                                   "digits and dashes, like storage, poller or worker-2")
             await self.supervisor.ask(RestartActor(name), timeout)
             return json_response({"restarted": name})
 
         @app.post("/admin/drain")
         async def drain() -> Response:
             await no_fields()
+            log.info("audit: drain")
+            if self.workers:  # every worker process drains its own listener
+                answers: list[Figures] = []
+
+                async def drain_one(mailbox: Mailbox[WorkerMsg]) -> None:
+                    answers.append(await mailbox.ask(Drain("operator command"), timeout))
+
+                async with trio.open_nursery() as nursery:
+                    for mailbox in self.workers.values():
+                        nursery.start_soon(drain_one, mailbox)
+                return json_response({"draining": True, "workers": len(answers),
+                                      "watchers_closing": sum(a.get("watchers_closing", 0)
+                                                              for a in answers)})
             if self.public is None:
                 raise InvalidInput("no public listener runs in this process")
-            log.info("audit: drain")
             return json_response(await self.public.ask(Drain("operator command"), timeout))
 
         @app.post("/admin/shutdown")

@@ -23,8 +23,9 @@ from typing import Any
 import trio
 from prometheus_client import generate_latest
 
+from anon_ticket.domain.commands import Drain
 from anon_ticket.domain.ids import PaymentId
-from anon_ticket.domain.inboxes import FilterMsg, HubMsg, PollerMsg, StorageMsg
+from anon_ticket.domain.inboxes import FilterMsg, HubMsg, PollerMsg, PublicMsg, StorageMsg
 from anon_ticket.domain.messages import Replicated
 from anon_ticket.errors import AnonTicketError
 from anon_ticket.logs import get_logger
@@ -38,6 +39,7 @@ from anon_ticket.wire import (
     decode_note,
     decode_reply,
     encode_ask,
+    encode_failure,
     frame,
 )
 from mailboxes import Envelope, Mailbox
@@ -56,8 +58,9 @@ class Link:
 
     def __init__(self, index: int, sock: socket.socket, *, storage: Mailbox[StorageMsg],
                  poller: Mailbox[PollerMsg], filter_: Mailbox[FilterMsg],
-                 hub: Mailbox[HubMsg], metrics: Metrics, heartbeat: float = 1.0,
-                 silence: float = 5.0) -> None:
+                 hub: Mailbox[HubMsg], public: Mailbox[PublicMsg], metrics: Metrics,
+                 heartbeat: float = 1.0, silence: float = 5.0) -> None:
+        self.public = public
         self.index = index
         self.metrics = metrics
         self.sock = sock
@@ -77,6 +80,7 @@ class Link:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(self.sock))
         async with stream, trio.open_nursery() as nursery:
+            self._nursery = nursery
             self._heard = trio.current_time()
             self._send(["hello", self.index, os.getpid()])
             nursery.start_soon(self._writer, stream)
@@ -136,17 +140,28 @@ class Link:
             env = self._pending.pop(msg[1], None)
             if env is not None:
                 env.fail(decode_failure(msg[2], msg[3], msg[4]))
-        elif kind == "ask":  # the owner asks this worker: only its metrics
-            if msg[2] != "metrics":
+        elif kind == "ask":  # the owner asks this worker: its metrics, or a drain
+            if msg[2] == "metrics":
+                self._send(["reply", msg[1], "text",
+                            generate_latest(self.metrics.registry).decode()])
+            elif msg[2] == "drain":
+                self._nursery.start_soon(self._drain, msg[1], str(msg[3]))
+            else:
                 raise WireError(f"unknown request {msg[2]!r}")
-            self._send(["reply", msg[1], "text",
-                        generate_latest(self.metrics.registry).decode()])
         elif kind == "push":
             await self._push(msg[1], msg[2], msg[3])
         elif kind == "attached":
             self._attached.set()
         elif kind != "beat":
             raise WireError(f"unknown message {kind!r}")
+
+    async def _drain(self, rid: int, reason: str) -> None:
+        try:
+            figures = await self.public.ask(Drain(reason), 5.0)
+        except AnonTicketError as exc:
+            self._send(["fail", rid, *encode_failure(exc)])
+            return
+        self._send(["reply", rid, "figures", figures])
 
     async def _push(self, push_id: int | None, what: str, value: Any) -> None:
         if what == "replicate":

@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from anon_ticket.domain.commands import WorkerMetrics
+from anon_ticket.domain.commands import Drain, WorkerMetrics
 from anon_ticket.domain.inboxes import FanoutMsg, WorkerMsg
 from anon_ticket.domain.messages import Acked, Attach, Detach
 from anon_ticket.errors import AnonTicketError
@@ -37,6 +37,8 @@ from anon_ticket.wire import (
     FrameReader,
     WireError,
     decode_ask,
+    decode_failure,
+    decode_reply,
     encode_failure,
     encode_reply,
     frame,
@@ -164,13 +166,18 @@ class WorkerProcess:
             raise WorkerLost(f"worker exited with {self._code()}")
 
     def _ask(self, queue: Outbox[list[Any]], env: Envelope[WorkerMsg]) -> None:
-        """The owner asks the worker (its metrics): answered when the worker answers."""
-        if not isinstance(env.msg, WorkerMetrics):
+        """The owner asks the worker (its metrics, a drain): answered when it answers."""
+        msg = env.msg
+        if isinstance(msg, WorkerMetrics):
+            what, arg = "metrics", None
+        elif isinstance(msg, Drain):
+            what, arg = "drain", msg.reason
+        else:
             unhandled(self.name, env)
             return
         rid = next(self._ids)
         self._asks[rid] = env
-        queue.put(["ask", rid, "metrics", None])
+        queue.put(["ask", rid, what, arg])
         now = trio.current_time()
         for old, waiting in list(self._asks.items()):  # whoever gave up
             if waiting.deadline < now:
@@ -236,8 +243,13 @@ class WorkerProcess:
                     self.fanout.tell(Acked(self.index, msg[1]))
                 elif kind == "reply":
                     env = self._asks.pop(msg[1], None)
-                    if env is not None and msg[2] == "text":
-                        env.reply(str(msg[3]))
+                    if env is not None:
+                        env.reply(str(msg[3]) if msg[2] == "text" else decode_reply(msg[2],
+                                                                                    msg[3]))
+                elif kind == "fail":
+                    env = self._asks.pop(msg[1], None)
+                    if env is not None:
+                        env.fail(decode_failure(msg[2], msg[3], msg[4]))
                 elif kind != "beat":
                     raise WireError(f"unknown message {kind!r} from worker {self.index}")
 

@@ -48,7 +48,7 @@ def build_worker_tree(settings: Settings, index: int, link_sock: socket.socket,
     mb = WorkerMailboxes()
     metrics = Metrics()
     link = Link(index, link_sock, storage=mb.storage, poller=mb.poller, filter_=mb.filter,
-                hub=mb.hub, metrics=metrics)
+                hub=mb.hub, public=mb.public, metrics=metrics)
     filter_cfg = filter_config(settings)
     public_cfg = public_config(settings, _network(settings), inherited_fd=public_fd,
                                worker=index)

@@ -57,7 +57,7 @@ HubMsg = (Publish | PaymentSeen | Confirmations | SightingGone | Subscribe | Uns
 # The owner's fanout to its worker processes' links (docs/architecture.md §8)
 FanoutMsg = (AddPids | Settle | Committed | PaymentSeen | Confirmations | SightingGone | Attach
              | Detach | Acked)
-WorkerMsg = WorkerMetrics  # a worker process's actor in the owner (actors/worker.py)
+WorkerMsg = WorkerMetrics | Drain  # a worker process's actor in the owner (actors/worker.py)
 PollerMsg = PollerStatus | PausePoller | ResumePoller | RescanFrom
 PublicMsg = Drain
 SupervisorMsg = TreeStatus | RestartActor | Shutdown  # the root supervisor's commands

@@ -65,6 +65,16 @@ async def test_workers_share_the_public_socket_and_the_owner_shows_them(
         assert names == {"core": "running", "hub": "running", "poller": "running",
                          "internal": "running", "fanout": "running",
                          "worker-1": "running", "worker-2": "running"}
+        # an operator restarts one worker: gracefully, and it serves again
+        assert (await srv.internal.post("/admin/actors/worker-2/restart")).status_code == 200
+        with trio.fail_after(30):
+            while True:
+                status = (await srv.internal.get("/admin/status")).json()
+                worker = next(a for a in status["actors"] if a["name"] == "worker-2")
+                if worker["restarts"] == 1 and worker["state"] == "running":
+                    break
+                await trio.sleep(0.05)
+        await workers_serving(srv)
 
 
 @pytest.mark.parametrize("workers", [1, WORKERS])
@@ -246,3 +256,16 @@ async def test_one_metrics_scrape_on_the_owner_covers_every_worker(tmp_path: Pat
                                          capture_stdout=True, capture_stderr=True, check=False)
         said = (checked.stdout + checked.stderr).decode().lower()
         assert "error" not in said, said
+
+
+async def test_a_drain_reaches_every_worker(tmp_path: Path) -> None:
+    async with running_server(tmp_path, workers=WORKERS) as srv:
+        await workers_serving(srv)
+        drained = (await srv.internal.post("/admin/drain")).json()
+        assert drained == {"draining": True, "workers": WORKERS, "watchers_closing": 0}
+        async with fresh_client(srv) as client:
+            answers = [await client.post("/api/v1/redeem",
+                                         json={"pid": PaymentId.generate().hex()})
+                       for _ in range(20)]
+        assert {(r.status_code, r.json()["error"]) for r in answers} == {
+            (503, "service is draining")}
