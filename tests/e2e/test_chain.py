@@ -77,11 +77,12 @@ async def next_event(events: Mailbox[Any], kind: type, pid: PaymentId,
                 return msg
 
 
-async def test_pay_wait_for_depth_then_redeem(tmp_path: Path,
-                                              regtest_chain: DevChainInfo) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_pay_wait_for_depth_then_redeem(tmp_path: Path, regtest_chain: DevChainInfo,
+                                              workers: int) -> None:
     info = regtest_chain
     events: Mailbox[Any] = Mailbox("events", 10_000)
-    async with server_for(tmp_path, info.watch_wallet_url, events) as srv:
+    async with server_for(tmp_path, info.watch_wallet_url, events, workers=workers) as srv:
         await wait_scanned(srv, info)
         pid = PaymentId.generate()
         ia = integrated_address(info.primary_address, pid)

@@ -19,10 +19,11 @@ from tests.e2e.test_chain import CONFS, XMR, mine, pay, poller, server_for, wait
 pytestmark = pytest.mark.chain
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_a_watcher_sees_the_whole_life_of_a_real_payment(
-        tmp_path: Path, regtest_chain: DevChainInfo) -> None:
+        tmp_path: Path, regtest_chain: DevChainInfo, workers: int) -> None:
     info = regtest_chain
-    async with server_for(tmp_path, info.watch_wallet_url) as srv:
+    async with server_for(tmp_path, info.watch_wallet_url, workers=workers) as srv:
         await wait_scanned(srv, info)
         pid = PaymentId.generate()
         url = f"ws://{srv.settings.bind_host}:{srv.settings.bind_port}/api/v1/watch"

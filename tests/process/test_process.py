@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -107,10 +108,34 @@ def test_a_stale_socket_is_replaced_a_live_one_is_not(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_sigkill_during_a_burst_of_claims_loses_no_token(tmp_path: Path) -> None:
-    """I3: claim and token are one transaction; a success a client saw survives a kill -9."""
+@pytest.mark.parametrize("workers", [1, 2])
+def wait_for_no_workers(owner: int, timeout: float = 10) -> list[int]:
+    """Worker processes of the killed `owner` still running after `timeout` seconds: its
+    children, or orphans (re-parented to init). They should notice their link close and end."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = subprocess.run(["pgrep", "-f", "anon_ticket.worker"], capture_output=True,
+                               text=True).stdout.split()
+        left = [int(p) for p in found if _parent(int(p)) in (owner, 1)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigkill_during_a_burst_of_claims_loses_no_token(tmp_path: Path, workers: int) -> None:
+    """I3: claim and token are one transaction; a success a client saw survives a kill -9
+    (with worker processes: of the owner, whose workers then end by themselves)."""
     data, pids = prepared(tmp_path, 400)
-    server = start_server(data)
+    args = ("--workers", str(workers))
+    server = start_server(data, args=args)
     seen: dict[str, str] = {}
     lock = threading.Lock()
     killed = threading.Event()
@@ -137,10 +162,12 @@ def test_sigkill_during_a_burst_of_claims_loses_no_token(tmp_path: Path) -> None
         list(pool.map(worker, chunks))
     assert killed.is_set() and server.proc.returncode == -signal.SIGKILL
     assert 150 <= len(seen) < 400
+    orphans = wait_for_no_workers(server.proc.pid)
+    assert not orphans, f"workers outlived their owner: {orphans}"
 
     check = cli(data, "db", "check")
     assert check.returncode == 0, check.stdout + check.stderr
-    server = start_server(data)  # the lock of the killed process is gone with it
+    server = start_server(data, args=args)  # the lock of the killed process is gone with it
     try:
         with httpx.Client(timeout=10) as client:
             for pid, token in seen.items():
