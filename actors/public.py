@@ -20,7 +20,7 @@ import trio
 from quart import Response, request, websocket
 from quart_trio import QuartTrio
 
-from anon_ticket import __version__, openapi
+from anon_ticket import __version__, checkout, openapi
 from anon_ticket.domain.address import network_of
 from anon_ticket.domain.commands import Drain, Figures, PollerStatus, StorageHealth
 from anon_ticket.domain.ids import PaymentId, ServiceToken
@@ -516,6 +516,7 @@ class Public:
                 body["status"] = "degraded"  # slow to answer: claims may still commit
             return json_response(body)
 
+        checkout.register(app)  # the payer's page and its no-JavaScript form (README)
         return app
 
 

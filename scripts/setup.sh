@@ -2,7 +2,8 @@
 # Installs what anon-ticket needs on a fresh Debian 12 machine: the Debian `monero` package
 # (monerod + monero-wallet-rpc, for the local regtest chain), `wrk` (for the benchmark), with
 # --test `prometheus` (for `promtool`, which checks config/prometheus/; on a machine run by
-# systemd, Debian starts prometheus.service too) and a virtualenv in .venv with the project
+# systemd, Debian starts prometheus.service too) and `chromium` + `chromium-driver` (the
+# checkout page's browser tests), and a virtualenv in .venv with the project
 # and, with --test, its test tools. Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -17,6 +18,10 @@ command -v wrk >/dev/null || missing+=(wrk)
 # without its recommends (prometheus-node-exporter), which the tests do not need.
 bare=()
 [ "$WITH_TEST" = 0 ] || command -v promtool >/dev/null || bare+=(prometheus)
+# Headless Chromium and its driver run the checkout page's browser tests (selenium is pointed
+# at /usr/bin/chromium and /usr/bin/chromedriver and never downloads a browser or a driver).
+[ "$WITH_TEST" = 0 ] || [ -x /usr/bin/chromium ] || bare+=(chromium)
+[ "$WITH_TEST" = 0 ] || [ -x /usr/bin/chromedriver ] || bare+=(chromium-driver)
 all=("${missing[@]}" "${bare[@]}")
 if [ "${#all[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

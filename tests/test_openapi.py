@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from actors.public import Public, PublicConfig
-from anon_ticket import openapi
+from anon_ticket import checkout, openapi
 from anon_ticket.domain.ids import PaymentId
 from anon_ticket.metrics import Metrics
 from supervisors.mailbox import Mailbox
@@ -125,9 +125,11 @@ def test_every_error_is_json_error_and_every_503_says_when_to_retry() -> None:
                 assert resolve(spec["headers"]["Allow"])["required"], request
 
 
-def app_routes() -> set[tuple[str, str]]:
+def app_routes(*, page: bool = False) -> set[tuple[str, str]]:
     """(METHOD, path) of every rule of the public app, HEAD/OPTIONS (automatic) and Quart's
-    static route aside, with werkzeug's `<name>` written as OpenAPI's `{name}`."""
+    static route aside, with werkzeug's `<name>` written as OpenAPI's `{name}`: the API's
+    routes, or (`page`) the checkout page's, which are HTML for people and not part of the
+    API the document describes (anon_ticket/checkout.py)."""
     cfg = PublicConfig(host="127.0.0.1", port=0, unix_socket=None, max_body_bytes=4096,
                        request_timeout=5, grace=1, network=None, primary_address=None,
                        min_confirmations=10, min_payment_amount=1)
@@ -136,10 +138,22 @@ def app_routes() -> set[tuple[str, str]]:
     for rule in app.url_map.iter_rules():
         if rule.endpoint == "static":
             continue
+        if rule.endpoint.startswith(checkout.BLUEPRINT + ".") != page:
+            continue
         path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
         for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}:
             routes.add((method, path))
     return routes
+
+
+def test_the_checkout_page_adds_only_its_own_routes_and_none_under_the_api() -> None:
+    assert app_routes(page=True) == {
+        ("GET", checkout.PAGE_PATH), ("POST", checkout.FORM_PATH),
+        *(("GET", f"/checkout/{name}") for name in checkout.ASSETS)}
+    api_paths = {path for _, path in app_routes()}
+    for _, path in app_routes(page=True):
+        assert not path.startswith("/api/") and path not in api_paths, path
+        assert path not in DOC["paths"], path
 
 
 def test_the_document_describes_exactly_the_apps_routes() -> None:
