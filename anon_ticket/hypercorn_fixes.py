@@ -323,8 +323,16 @@ async def _close(self: Any) -> None:
 
 
 async def _read_data(self: Any) -> None:
-    """hypercorn's read loop, telling the timer when bytes arrive (the head's deadline)."""
+    """hypercorn's read loop, telling the timer when bytes arrive (the head's deadline).
+
+    Handing what arrived to the app waits while the app does not take it (its queue is
+    full), and hypercorn waited forever: a websocket client that floods a connection whose
+    handler has ended (dropped as a slow consumer, its close frame unwritable) kept it open
+    for as long as it kept sending. Now the app must take each read within the read timeout,
+    or the connection ends."""
     timer = self.idle_task
+    policy = policy_of(self.config)
+    limit = policy.read_timeout if policy is not None else math.inf
     try:
         while True:
             try:
@@ -333,7 +341,12 @@ async def _read_data(self: Any) -> None:
                 break
             if data:
                 timer.data_received()
-            await self.protocol.handle(RawData(bytes(data)))
+            with trio.move_on_after(limit) as handed:
+                await self.protocol.handle(RawData(bytes(data)))
+            if handed.cancelled_caught:
+                with trio.CancelScope(shield=True):
+                    await _abort(self.stream)
+                break
             if not data:
                 break
         await self.protocol.handle(Closed())

@@ -303,3 +303,28 @@ async def test_cleartext_http2_is_not_spoken(tmp_path: Path) -> None:
             if data:
                 assert_json(data, 505)
         assert restarts(srv, "public") == 0
+
+
+async def test_a_watcher_that_floods_and_never_reads_is_closed(tmp_path: Path) -> None:
+    # It sends pings and never reads the pongs: dropped as a slow consumer, its close frame
+    # cannot be written, and hypercorn's read loop then waited forever to hand its next
+    # message to a handler that had ended, for as long as the client kept sending.
+    async with running_server(tmp_path, watch_send_timeout_secs=1, write_timeout_secs=1,
+                              read_timeout_secs=1) as srv:
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect((srv.settings.bind_host, srv.settings.bind_port))
+        async with trio.SocketStream(sock) as stream:
+            await stream.send_all(UPGRADE)
+            head = b""
+            while b"\r\n\r\n" not in head:  # the 101 first: bytes before it are refused
+                head += await stream.receive_some(4096)
+            assert head.startswith(b"HTTP/1.1 101")
+            pings = text({"op": "ping"}) * 200
+            with trio.move_on_after(15) as flooding:
+                try:
+                    while True:
+                        await stream.send_all(pings)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            assert not flooding.cancelled_caught, "still open after 15 s of flooding"

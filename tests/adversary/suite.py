@@ -454,6 +454,12 @@ async def websocket(t: Target, ledger: Ledger, probe: Probe) -> list[Outcome]:
         stream = trio.SocketStream(sock)
         async with stream:
             await stream.send_all(UPGRADE)
+            head = b""
+            with trio.move_on_after(5):
+                while b"\r\n\r\n" not in head:  # the 101, before any frame (else: refused)
+                    head += await stream.receive_some(4096)
+            if not head.startswith(b"HTTP/1.1 101"):
+                return False, f"no upgrade: {head[:40]!r}", {}
             ping = text({"op": "ping"}) * 200
             limit = t.watch_send_timeout + t.write_timeout + 10
             with trio.move_on_after(limit) as scope:
