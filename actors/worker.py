@@ -140,6 +140,9 @@ class WorkerProcess:
                     pass_fds=(theirs.fileno(), public.fileno()), env=env,
                     start_new_session=True)  # a terminal's ^C reaches the owner only
             log.info("worker started", worker=self.index, os_pid=self.process.pid)
+            # Started: the supervisor goes on (workers start side by side); a worker that
+            # never says hello or attaches ends this run like any other failure.
+            task_status.started()
             stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
             with queue.scope:  # cancelled by the fanout when it gives this worker up
                 async with stream, trio.open_nursery() as nursery:
@@ -153,7 +156,6 @@ class WorkerProcess:
                     nursery.start_soon(self._beat, queue)
                     if self.mailbox is not None:
                         nursery.start_soon(self.mailbox.serve, partial(self._ask, queue))
-                    task_status.started()
                     await self._read(stream, reader, queue)
         finally:
             with contextlib.suppress(AnonTicketError):

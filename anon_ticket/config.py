@@ -261,7 +261,7 @@ class Settings:
     unknown_rate_per_sec: float = 200.0
     request_timeout_secs: float = 5.0
     batch_limit: int = 256
-    workers: int = 1
+    workers: int = 0
     grace_secs: float = 10.0
     restart_intensity: int = 5
     restart_period_secs: float = 30.0

@@ -10,7 +10,7 @@ import sys
 
 import trio
 
-from anon_ticket import gctune, logs
+from anon_ticket import fdlimit, gctune, logs
 from anon_ticket.config import settings_from_json
 from anon_ticket.errors import AnonTicketError
 
@@ -29,6 +29,7 @@ def main(argv: list[str]) -> int:
 
     for handler in logging.getLogger().handlers:
         handler.addFilter(tag)
+    fdlimit.raise_to_hard_limit()  # as the owner does: a worker holds client connections
     gctune.settle()
     from supervisors.worker_tree import run_worker  # after logging is set up
 

@@ -51,6 +51,7 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
         "backoff_max_secs": "0.2",
         "grace_secs": "2",
         "pid_bloom_entries": "10000",
+        "workers": "1",  # the single process; tests of worker processes ask for them
     }
     cli.update({k: str(v) for k, v in overrides.items()})
     return load_settings(cli, {}, None)
