@@ -13,6 +13,7 @@ import json
 import math
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -107,18 +108,29 @@ class Probe:
         walk(body["actors"])
         return out
 
-    def fds(self) -> int | None:
-        pid = self.target.server_pid
-        return None if pid is None else len(os.listdir(f"/proc/{pid}/fd"))
-
-    def rss_mb(self) -> float | None:
+    def processes(self) -> list[int]:
+        """The server and its worker processes (children: `--workers N`)."""
         pid = self.target.server_pid
         if pid is None:
-            return None
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return None
+            return []
+        # (not /proc/PID/task/PID/children: trio starts processes from a thread of its own)
+        kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                              text=True).stdout.split()
+        return [pid, *(int(k) for k in kids)]
+
+    def fds(self) -> int | None:
+        """Descriptors of the server and its workers, together."""
+        pids = self.processes()
+        return sum(len(os.listdir(f"/proc/{p}/fd")) for p in pids) if pids else None
+
+    def rss_mb(self) -> float | None:
+        """Resident memory of the server and its workers, together."""
+        total = None
+        for pid in self.processes():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total = (total or 0.0) + int(line.split()[1]) / 1024
+        return total
 
     async def db_misses(self) -> float | None:
         if self.target.internal_socket is None:
