@@ -26,10 +26,11 @@ from prometheus_client import generate_latest
 from anon_ticket.domain.commands import Drain
 from anon_ticket.domain.ids import PaymentId
 from anon_ticket.domain.inboxes import FilterMsg, HubMsg, PollerMsg, PublicMsg, StorageMsg
-from anon_ticket.domain.messages import Replicated
-from anon_ticket.errors import AnonTicketError
+from anon_ticket.domain.messages import Claim, LookupToken, Replicated
+from anon_ticket.errors import AnonTicketError, NotFound
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
+from anon_ticket.reads import NOT_FOUND, Reader
 from anon_ticket.wire import (
     FrameReader,
     WireError,
@@ -59,8 +60,10 @@ class Link:
     def __init__(self, index: int, sock: socket.socket, *, storage: Mailbox[StorageMsg],
                  poller: Mailbox[PollerMsg], filter_: Mailbox[FilterMsg],
                  hub: Mailbox[HubMsg], public: Mailbox[PublicMsg], metrics: Metrics,
-                 heartbeat: float = 1.0, silence: float = 5.0) -> None:
+                 reader: Reader | None = None, heartbeat: float = 1.0,
+                 silence: float = 5.0) -> None:
         self.public = public
+        self.reader = reader  # reads of its own (anon_ticket/reads.py), or all asked
         self.index = index
         self.metrics = metrics
         self.sock = sock
@@ -101,10 +104,27 @@ class Link:
 
     def _relay(self, env: Envelope[Any]) -> None:
         """A local request for the owner's storage or poller: sent, answered when the owner
-        answers (or never, if the requester's deadline passes first)."""
+        answers (or never, if the requester's deadline passes first). With a reader, a
+        claimed ticket's `already_claimed` and a token's introspection are read here."""
         if env.reply_to is None:
             return  # nobody waits for it
-        what, arg = encode_ask(env.msg)
+        msg = env.msg
+        reader = self.reader
+        if reader is not None:
+            kind = type(msg)
+            if kind is Claim:
+                answer = reader.claimed(msg.pid)
+                if answer is not None:
+                    env.reply(answer)
+                    return
+            elif kind is LookupToken:
+                info = reader.token_info(msg.token)
+                if info is None:
+                    env.fail(NotFound(NOT_FOUND))
+                else:
+                    env.reply(info)
+                return
+        what, arg = encode_ask(msg)
         rid = next(self._ids)
         self._pending[rid] = env
         self._send(["ask", rid, what, arg])

@@ -75,6 +75,7 @@ from anon_ticket.errors import (
 )
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
+from anon_ticket.reads import TOKEN_INFO, token_info_row
 from mailboxes import Dispatch, Envelope, Failure, Mailbox
 
 log = get_logger("storage")
@@ -490,13 +491,10 @@ class Storage:
             CacheClaim(msg.pid, token, amount), Publish((event,)))
 
     def _token_info(self, token: ServiceToken) -> tuple[bytes, TokenInfo]:
-        row = self._one(
-            "SELECT pid, amount, claimed_at, revoked_at, abuse_score, revoke_reason "
-            "FROM tickets WHERE token = ?", (token.raw,))
+        row = self._one(TOKEN_INFO, (token.raw,))  # a worker reads the same (reads.py)
         if row is None:
             raise NotFound(NOT_FOUND)
-        pid, amount, issued, revoked_at, score, reason = row
-        return pid, TokenInfo(revoked_at is not None, amount, issued, revoked_at, score, reason)
+        return token_info_row(row)
 
     def _lookup_token(self, msg: LookupToken) -> Handled:
         return self._token_info(msg.token)[1], ()

@@ -36,6 +36,7 @@ INTERNAL_TOKEN_MIN_LEN = 16
 
 LogFormat = Literal["text", "json"]
 TokenDerivation = Literal["hmac", "legacy"]
+WorkerReads = Literal["local", "owner"]
 
 T = TypeVar("T")
 
@@ -262,6 +263,7 @@ class Settings:
     request_timeout_secs: float = 5.0
     batch_limit: int = 256
     workers: int = 0
+    worker_reads: WorkerReads = "local"
     grace_secs: float = 10.0
     restart_intensity: int = 5
     restart_period_secs: float = 30.0
@@ -431,6 +433,15 @@ def _log_format(value: object) -> LogFormat:
     if s == "json":
         return "json"
     raise _Bad(f"must be text or json, got {value!r}")
+
+
+def _worker_reads(value: object) -> WorkerReads:
+    s = _text(value).lower()
+    if s == "local":
+        return "local"
+    if s == "owner":
+        return "owner"
+    raise _Bad(f"must be local or owner, got {value!r}")
 
 
 def _token_derivation(value: object) -> TokenDerivation:
@@ -629,6 +640,10 @@ _SPECS: tuple[_Spec, ...] = (
           "public-listener worker processes in front of the one storage owner (0: one per "
           "core; 1: a single process, no workers; up to 64)",
           parse=_int(0, 64)),
+    _Spec("worker_reads",
+          "with workers: local (a worker reads claimed tickets and tokens from the database "
+          "itself, read-only) or owner (it asks the owner for them)",
+          parse=_worker_reads),
     _Spec("grace_secs",
           "shutdown grace in seconds",
           parse=_float(0, lo_open=False)),

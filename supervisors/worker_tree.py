@@ -25,6 +25,7 @@ from anon_ticket.config import Settings
 from anon_ticket.domain.inboxes import FilterMsg, HubMsg, PollerMsg, PublicMsg, StorageMsg
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
+from anon_ticket.reads import Reader
 from mailboxes import Mailbox
 from supervisors.supervisor import Backoff, ChildSpec, Strategy, Supervisor
 from supervisors.tree import _network, _stop_listener, filter_config, public_config
@@ -47,8 +48,10 @@ def build_worker_tree(settings: Settings, index: int, link_sock: socket.socket,
                       public_fd: int) -> tuple[Link, Supervisor, Metrics]:
     mb = WorkerMailboxes()
     metrics = Metrics()
+    reader = (Reader(str(settings.database_path)) if settings.worker_reads == "local"
+              else None)
     link = Link(index, link_sock, storage=mb.storage, poller=mb.poller, filter_=mb.filter,
-                hub=mb.hub, public=mb.public, metrics=metrics)
+                hub=mb.hub, public=mb.public, metrics=metrics, reader=reader)
     filter_cfg = filter_config(settings)
     public_cfg = public_config(settings, _network(settings), inherited_fd=public_fd,
                                worker=index)

@@ -269,3 +269,28 @@ async def test_a_drain_reaches_every_worker(tmp_path: Path) -> None:
                        for _ in range(20)]
         assert {(r.status_code, r.json()["error"]) for r in answers} == {
             (503, "service is draining")}
+
+
+@pytest.mark.parametrize("reads", ["local", "owner"])
+async def test_token_and_claimed_answers_are_the_same_read_locally_or_asked(
+        tmp_path: Path, reads: str) -> None:
+    async with running_server(tmp_path, workers=WORKERS, worker_reads=reads,
+                              pid_cache_ttl_secs=0) as srv:  # nothing cached: every read
+        await workers_serving(srv)
+        pid = PaymentId.generate()
+        await srv.pay(pid, 42)
+        async with fresh_client(srv) as client:
+            token = (await client.post("/api/v1/redeem", json={"pid": pid.hex()})
+                     ).json()["service_token"]
+            for _ in range(6):
+                again = (await client.post("/api/v1/redeem", json={"pid": pid.hex()})).json()
+                assert again == {"status": "already_claimed", "service_token": token,
+                                 "balance": 42}
+                info = await client.get(f"/api/v1/token/{token}")
+                assert info.status_code == 200 and info.json()["status"] == "active"
+            await srv.internal.post(f"/api/v1/token/{token}/revoke", json={"abuse_score": 3})
+            for _ in range(6):  # every worker, at once
+                info = (await client.get(f"/api/v1/token/{token}")).json()
+                assert (info["status"], info["abuse_score"]) == ("revoked", 3)
+            missing = await client.get("/api/v1/token/" + "ab" * 32)
+            assert missing.status_code == 404
