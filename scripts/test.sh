@@ -5,4 +5,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh --test
 .venv/bin/ruff check anon_ticket mailboxes actors supervisors tests
 .venv/bin/mypy
-exec .venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest "$@"
+# A full run goes on with the chain tests once more, every in-process server now in front of
+# two worker processes (the process tests already run one worker per core).
+if [ "$#" -eq 0 ]; then
+  ANON_TICKET_TEST_WORKERS=2 exec .venv/bin/python -m pytest -q -m "chain and not slow" tests/e2e
+fi

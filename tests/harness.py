@@ -51,7 +51,9 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
         "backoff_max_secs": "0.2",
         "grace_secs": "2",
         "pid_bloom_entries": "10000",
-        "workers": "1",  # the single process; tests of worker processes ask for them
+        # the single process; tests of worker processes ask for them, and CI runs the chain
+        # tests once more with ANON_TICKET_TEST_WORKERS=2
+        "workers": os.environ.get("ANON_TICKET_TEST_WORKERS", "1"),
     }
     cli.update({k: str(v) for k, v in overrides.items()})
     return load_settings(cli, {}, None)
