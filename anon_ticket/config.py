@@ -357,6 +357,21 @@ def _text(value: object) -> str:
     return s
 
 
+def _choice(*options: str) -> Callable[[object], Any]:
+    """One of `options` (case-insensitive), as written there."""
+    def parse(value: object) -> str:
+        s = _text(value).lower()
+        if s in options:
+            return s
+        raise _Bad(f"must be {' or '.join(options)}, got {value!r}")
+    return parse
+
+
+_log_format = _choice("text", "json")
+_token_derivation = _choice("hmac", "legacy")
+_worker_reads = _choice("local", "owner")
+
+
 def _path(value: object) -> Path:
     s = _text(value)
     if "\0" in s:
@@ -426,31 +441,10 @@ def _bool(value: object) -> bool:
     raise _Bad(f"must be true or false (or 1/0, yes/no, on/off), got {value!r}")
 
 
-def _log_format(value: object) -> LogFormat:
-    s = _text(value).lower()
-    if s == "text":
-        return "text"
-    if s == "json":
-        return "json"
-    raise _Bad(f"must be text or json, got {value!r}")
 
 
-def _worker_reads(value: object) -> WorkerReads:
-    s = _text(value).lower()
-    if s == "local":
-        return "local"
-    if s == "owner":
-        return "owner"
-    raise _Bad(f"must be local or owner, got {value!r}")
 
 
-def _token_derivation(value: object) -> TokenDerivation:
-    s = _text(value).lower()
-    if s == "hmac":
-        return "hmac"
-    if s == "legacy":
-        return "legacy"
-    raise _Bad(f"must be hmac or legacy, got {value!r}")
 
 
 def _host_port(value: object) -> str:

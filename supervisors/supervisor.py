@@ -194,7 +194,7 @@ class Supervisor:
                     return  # already on its way
                 c.restart_requested = True
                 if c.spec.stop is not None and self._nursery is not None:
-                    self._nursery.start_soon(self._stop_to_restart, c, c.scope)
+                    self._nursery.start_soon(self._stop_gracefully, c, c.scope)
                 else:
                     c.scope.cancel()
                 return
@@ -210,14 +210,16 @@ class Supervisor:
             for c in self._children
         )
 
-    async def _stop_to_restart(self, child: _Child, scope: trio.CancelScope) -> None:
+    async def _stop_gracefully(self, child: _Child, scope: trio.CancelScope) -> None:
+        """Ask the child to stop (its `stop` hook), give it the grace period, then cancel
+        that run's scope (a no-op once the run has ended)."""
         if child.spec.stop is not None and child.actor is not None:
             maybe = child.spec.stop(child.actor)
             if maybe is not None:
                 await maybe
             with trio.move_on_after(self.grace):
                 await child.exited.wait()
-        scope.cancel()  # that run's scope: a no-op once it has ended
+        scope.cancel()
 
     # --- running ----------------------------------------------------------------------------
 
@@ -247,13 +249,7 @@ class Supervisor:
             if child.scope is None or child.exited.is_set():
                 continue
             child.state = "stopping"
-            if child.spec.stop is not None and child.actor is not None:
-                maybe = child.spec.stop(child.actor)
-                if maybe is not None:
-                    await maybe
-                with trio.move_on_after(self.grace):
-                    await child.exited.wait()
-            child.scope.cancel()
+            await self._stop_gracefully(child, child.scope)
             await child.exited.wait()
 
     def _count_restart(self, child: _Child) -> None:
