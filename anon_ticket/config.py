@@ -608,8 +608,9 @@ _SPECS: tuple[_Spec, ...] = (
           "largest request body in bytes (256..1048576)",
           parse=_int(256, 1_048_576)),
     _Spec("max_connections",
-          "public connections at once (16..1000000; lowered to fit the descriptor limit): the "
-          "oldest idle one makes room, else a new one gets 503",
+          "public connections at once (16..1000000; lowered to fit the descriptor limit; with "
+          "workers, per worker process): the oldest idle one makes room, else a new one gets "
+          "503",
           parse=_int(16, 1_000_000)),
     _Spec("keep_alive_secs",
           "an idle public connection is closed after this long",
@@ -622,7 +623,7 @@ _SPECS: tuple[_Spec, ...] = (
           parse=_float(0, lo_open=True, hi=600)),
     _Spec("unknown_rate_per_sec",
           "answers about unknown ids (404 redeem/token) and websocket subscribes past this rate "
-          "are held back up to 5 s (0 = never)",
+          "are held back up to 5 s (0 = never); with workers, per worker process",
           parse=_float(0, lo_open=False)),
     _Spec("request_timeout_secs",
           "deadline of every internal request in seconds",
