@@ -800,14 +800,15 @@ async def aftermath(t: Target, ledger: Ledger, probe: Probe, before: Json) -> li
     async def resources() -> tuple[bool, str, Json]:
         # What the attacks opened is being closed: give the server a moment to see it.
         deadline = time.monotonic() + 15
+        slack = 10 * max(1, len(probe.processes()))  # per process: the owner and each worker
         fds, rss = probe.fds(), probe.rss_mb()
-        while fds is not None and fds > before["fds"] + 10 and time.monotonic() < deadline:
+        while fds is not None and fds > before["fds"] + slack and time.monotonic() < deadline:
             await trio.sleep(0.2)
             fds = probe.fds()
         rss = probe.rss_mb()
         if fds is None or rss is None:
             return True, "not checked (no server pid)", {}
-        ok_fds = fds <= before["fds"] + 10
+        ok_fds = fds <= before["fds"] + slack
         # Memory a flood made is reused, not always returned to the system: bounded, not equal.
         ok_rss = rss <= before["rss_mb"] * 1.5 + 40
         return ok_fds and ok_rss, f"descriptors {before['fds']} -> {fds}; RSS " \
