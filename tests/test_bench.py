@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ from typing import ClassVar
 import apsw
 import pytest
 
-from tests.bench import data, floor, procs, profiling, report, runner, wrk
+from tests.bench import SECTIONS, data, floor, procs, profiling, report, runner, sizing, wrk
 
 # What `wrk -s replay.lua` prints (the text part is wrk's own; the last line is the script's).
 CANNED_WRK = """\
@@ -50,6 +51,9 @@ anon_ticket_storage_batch_size_bucket{le="8.0"} 18.0
 anon_ticket_storage_batch_size_bucket{le="+Inf"} 18.0
 anon_ticket_storage_batch_size_count 18.0
 anon_ticket_storage_batch_size_sum 30.0
+anon_ticket_storage_batch_size_bucket{le="1.0",worker="1"} 0.0
+anon_ticket_storage_batch_size_count{worker="1"} 0.0
+anon_ticket_storage_batch_size_sum{worker="1"} 0.0
 """
 
 CANNED_STACKS = """\
@@ -79,7 +83,74 @@ def test_wrk_output_is_parsed() -> None:
         wrk.parse_wrk_output("Running 2s test\nRequests/sec: 10\n")
 
 
+def test_a_run_that_ran_out_is_parsed_as_short() -> None:
+    # 40 lines, each sent once: the one thread stopped 0.25 s into a 5 s run
+    text = ('BENCH_JSON {"requests":38,"duration_us":5000100,"latency_us":{"p50":20.0,'
+            '"p90":30.0,"p99":40.0,"mean":21.0,"max":45.0,"min":10.0},"errors":{"connect":0,'
+            '"read":0,"write":0,"status":0,"timeout":0},"counts":{"200:success":38},'
+            '"wrapped":0,"threads":[{"lines":40,"sent":40,"exhausted":1,"stopped_us":250000}]}')
+    r = wrk.parse_wrk_output(text)
+    assert r.exhausted and r.planned_s == pytest.approx(5.0001)
+    assert r.duration_s == pytest.approx(0.25) and r.rps == pytest.approx(38 / 0.25)
+    assert r.lines_sent == 40 and r.lines_by_thread == [40]
+    assert not wrk.parse_wrk_output(CANNED_WRK).exhausted  # a timed run (an older script)
+    # two threads: thread 0 had lines 0, 2, 4, 6 and sent three; thread 1 sent one of its own
+    two = dataclasses.replace(r, sent_by_thread=[3, 1])
+    assert wrk.split_sent(list("abcdefgh"), two) == (["a", "b", "c", "e"], ["d", "f", "g", "h"])
+    pool = [b"y", b"z"]  # what a run does not send goes back to the head of its pool
+    assert runner.Bench._give_back(pool, [b"a", b"b", b"c", b"d"], dataclasses.replace(
+        r, sent_by_thread=[2])) == [b"a", b"b"]
+    assert pool == [b"c", b"d", b"y", b"z"]
+
+
+def test_every_fixture_is_sized_from_the_measured_rate() -> None:
+    full, quick = runner.FULL, runner.QUICK
+    # The issue's day: the ceiling at 866 req/s; the database held 200,000 fresh PIDs.
+    slow, fast = sizing.needs(full, 866.0, SECTIONS), sizing.needs(full, 1732.0, SECTIONS)
+    assert slow.runs == {"http": 14 + 5, "websocket": 14, "storage": 3}  # + uncached runs
+    per_run = sizing.per_run(866.0, 5, 64)
+    assert per_run >= 866 * 5 * sizing.PER_RUN_MARGIN + 64  # a run's lines outlast it
+    assert sizing.per_run(1732.0, 5, 64) - 65 == pytest.approx(2 * (per_run - 65), abs=1)
+    assert fast.fresh - full.ws_fanout == pytest.approx(2 * (slow.fresh - full.ws_fanout),
+                                                        rel=0.01)
+    # the database: what the runs need at that rate, never less than the plan's own size
+    assert slow.unclaimed == max(full.unclaimed, slow.fresh, slow.storage)
+    assert fast.unclaimed == fast.fresh > full.unclaimed
+    assert fast.claimed == full.tokens + fast.uncached > full.claimed
+    # only what runs counts: no claims run, the plan's sizes; no rate, no run sized from it
+    assert sizing.needs(full, 866.0, ("ingestion",)).unclaimed == full.unclaimed
+    assert sizing.needs(quick, 866.0, ("websocket",)).runs == {"websocket": 4}
+    assert sizing.needs(full, 866.0, ("http",), profile=True).runs == {"http": 19,
+                                                                        "profile": 1}
+    assert sizing.needs(quick, 866.0, ("http",)).uncached == 0  # quick skips that scenario
+    # the catch-up: ingest_s seconds of the import's measured rate
+    assert sizing.ingest_transfers(full, 15_000.0) == 105_000
+    assert sizing.ingest_transfers(full, 30_000.0) == 210_000
+    assert sizing.ingest_transfers(quick, 0.0) == sizing.MIN_INGEST_TRANSFERS
+
+
+@pytest.mark.parametrize(("speed", "repeat_every"), [(1.0, 1_000), (1.4, 4), (1.0, 2)])
+def test_the_fresh_pids_outlast_every_planned_run(speed: float, repeat_every: int) -> None:
+    """Replay the full run's claims on the http and websocket server the way the runner
+    takes them (each run's lines from the fastest rate seen at its level, the probe's before
+    that; the unsent ones back): at `speed` x the probe's rate, every `repeat_every`-th run
+    repeated, no run finds its pool short. Before, the lines came from constants and the
+    websocket section found 390 fresh PIDs for 7,357 wanted (the ceiling at 866 req/s)."""
+    plan, probe = runner.FULL, 866.0
+    left = sizing.needs(plan, probe, SECTIONS).fresh - plan.ws_fanout
+    seen: dict[int, float] = {}
+    for i, run in enumerate(sizing.shared_server_runs(plan, SECTIONS, profile=False)):
+        for _ in range(2 if i % repeat_every == repeat_every - 1 else 1):
+            want = sizing.per_run(seen.get(run.connections) or probe, run.seconds,
+                                  run.connections)
+            assert want <= left, (i, run)
+            rate = probe * speed
+            left -= min(want, math.ceil(rate * run.seconds) + run.connections)  # sent
+            seen[run.connections] = max(seen.get(run.connections, 0.0), rate)
+
+
 def test_batch_histogram_is_read_from_metrics() -> None:
+    # the process's own series (a server with worker processes adds theirs after it)
     before = procs.histogram(CANNED_METRICS, "anon_ticket_storage_batch_size")
     assert before["_count"] == 18 and before["_sum"] == 30 and before["2.0"] == 15
     zero = {k: 0.0 for k in before}
@@ -97,15 +168,18 @@ def test_a_runs_stall_events_are_read_from_the_servers_own_metrics() -> None:
     m = Metrics()
     before = generate_latest(m.registry).decode()
     m.gc_times.collections[2] += 1
+    m.gc_times.seconds[2] += 0.25
     m.wal_checkpoints.labels("passive").inc(3)
     m.wal_checkpoints.labels("restart").inc()
     for seconds in (0.001, 0.02, 0.03, 0.3):
         m.commit_seconds.observe(seconds)
     after = generate_latest(m.registry).decode()
     assert runner._stall_events(before, after) == {
-        "gc_full": 1, "checkpoint_passive": 3, "checkpoint_restart": 1, "slow_commits": 2}
+        "gc_full": 1, "gc_full_ms": 250, "checkpoint_passive": 3, "checkpoint_restart": 1,
+        "slow_commits": 2}
     assert runner._stall_events(after, after) == {
-        "gc_full": 0, "checkpoint_passive": 0, "checkpoint_restart": 0, "slow_commits": 0}
+        "gc_full": 0, "gc_full_ms": 0, "checkpoint_passive": 0, "checkpoint_restart": 0,
+        "slow_commits": 0}
     work = runner._storage_work(before, after)  # what the storage section reads of a run
     assert work["transactions"] == 4 and work["seconds"] == pytest.approx(0.351)
 
@@ -246,6 +320,105 @@ def _first_request_server() -> Iterator[tuple[str, list[float]]]:
         server.server_close()
 
 
+class _Recording(BaseHTTPRequestHandler):
+    """Keep-alive HTTP that notes every request body it gets."""
+
+    protocol_version = "HTTP/1.1"
+    bodies: ClassVar[list[str]] = []  # a subclass per server gets its own
+
+    def do_POST(self) -> None:
+        self.bodies.append(self.rfile.read(int(self.headers["Content-Length"])).decode())
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def _recording_server() -> Iterator[tuple[str, list[str]]]:
+    bodies: list[str] = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0),
+                                 type("Handler", (_Recording,), {"bodies": bodies}))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", bodies
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_wrk_stops_cleanly_when_its_lines_run_out(tmp_path: Path) -> None:
+    """Lines sent once (fresh PIDs): a run with too few ends early, cleanly, says so and
+    when, and sent every line exactly once; one with none at all (wrk exited 1 on it,
+    "incomplete request at 1:1") sends nothing; one with more than it needs says which it
+    did not send."""
+    script = wrk.write_script(tmp_path)
+    few = [json.dumps({"pid": f"{i:016x}"}) for i in range(1, 41)]
+    many = [json.dumps({"pid": f"{i:016x}"}) for i in range(1, 200_001)]
+    with _recording_server() as (url, bodies):
+        def run(name: str, lines: list[str]) -> wrk.WrkResult:
+            return wrk.run_wrk(url, script=script, method="POST", path="/", connections=4,
+                               lines_file=wrk.write_lines(tmp_path / name, lines),
+                               duration_s=2, once=True)
+
+        short = run("few.txt", few)
+        time.sleep(0.2)  # the server answers what was in flight when wrk stopped
+        got_few = list(bodies)
+        bodies.clear()
+        none = run("none.txt", [])
+        got_none = list(bodies)
+        long = run("many.txt", many)
+        time.sleep(0.2)
+        got_many = list(bodies)
+    assert short.exhausted and short.planned_s == pytest.approx(2.0, abs=0.1)
+    assert 0 < short.duration_s < 1.5 and short.rps == short.requests / short.duration_s
+    assert len(few) - 4 <= short.requests <= len(few)  # at most 4 in flight, not waited for
+    assert short.count_of(("200",)) == short.requests and short.socket_errors == 0
+    assert sorted(got_few) == sorted(few)  # each once: the check call sent nothing
+    assert wrk.split_sent(few, short) == (few, [])
+    assert none.exhausted and none.requests == 0 and got_none == []
+    assert not long.exhausted and long.duration_s == pytest.approx(2.0, abs=0.1)
+    sent, unsent = wrk.split_sent(many, long)
+    assert len(sent) == long.lines_sent >= long.requests > 0 and unsent == many[len(sent):]
+    assert sorted(got_many) == sorted(sent)
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_a_run_that_runs_out_is_reported_as_short(tmp_path: Path) -> None:
+    """The runner's side: a claims run handed too few PIDs ends, is counted in its cell and
+    listed in the report (`short_runs`, the summary, the table), and its unsent lines (none
+    here) go back to the pool."""
+    said: list[str] = []
+    (tmp_path / "work").mkdir()
+    bench = runner.Bench(runner.QUICK, tmp_path / "work", said.append, None)
+    child = procs.spawn_ceiling("raw", cpus=None, log_path=tmp_path / "raw.log")
+    pool = [data.random_pid() for _ in range(30)]
+    try:
+        procs.ready([child], cpus=None)
+        take = bench._take(pool, 100, "fresh PIDs")
+        lines = bench._file([runner._body(b) for b in take])
+        result, cpu = bench._drive(child, "POST", "/echo", lines, 4, 2, once=True,
+                                   label="http new_claims c=4 rep 1")
+    finally:
+        child.stop()
+    assert len(take) == 30 and pool == [] and "only 30 fresh PIDs left for 100" in said[0]
+    assert bench._give_back(pool, take, result) == take and pool == []
+    assert result.exhausted and result.requests <= 30
+    [short] = bench.short_runs
+    assert short["run"] == "http new_claims c=4 rep 1" and short["lines"] == 30
+    assert short["ran_s"] < short["planned_s"] and short["requests"] == result.requests
+    assert runner.Cell([result], [cpu]).summary(("200",))["short_runs"] == 1
+    rep = report.finish({"meta": {"mode": "full"}, "short_runs": bench.short_runs})
+    assert rep["summary"]["short_runs"] == 1
+    text = report.render(rep)
+    assert "1 run ran out of lines" in text and "http new_claims c=4 rep 1" in text
+
+
 def test_wrk_spreads_the_first_requests_of_its_connections(tmp_path: Path) -> None:
     # wrk opens every connection at once; the script holds each first request back a random
     # 0..stagger ms, so a run does not start with a burst that its p99 would be made of.
@@ -326,11 +499,10 @@ def test_a_catch_up_of_the_real_server_from_the_fake_wallet(tmp_path: Path) -> N
     all; /metrics says how many transactions storage used and how long they took."""
     legacy = data.write_legacy(tmp_path / "legacy.db", 50, 0)
     data.import_legacy(tmp_path / "base", legacy)
-    plan = dataclasses.replace(runner.QUICK, ingest_transfers=600)
     (tmp_path / "work").mkdir()
-    bench = runner.Bench(plan, tmp_path / "work", lambda text: None, None)
+    bench = runner.Bench(runner.QUICK, tmp_path / "work", lambda text: None, None)
     bench.wallet_height = max(row[3] for row in legacy.unclaimed) + 100
-    run, transfers = bench._catch_up(tmp_path / "base", 0)
+    run, transfers = bench._catch_up(tmp_path / "base", 0, 600)
     assert len(transfers) == run["transfers"] == 600
     assert run["credited"] == 600
     assert 1 <= run["transactions"] <= 10 and run["per_tx_s"] > 0 and run["per_cpu_s"] > 0

@@ -14,6 +14,13 @@ on a bare connection); `ingestion` (a catch-up from the wallet, against the same
 `memory_startup` (1M recorded PIDs). It writes a JSON report (every figure, ratios, targets,
 pass/fail) and prints a table.
 
+Fixtures are sized from rates measured in the same run (`tests.bench.sizing`): a short run
+of the quart-trio ceiling before anything else sizes the database's fresh and claimed
+tickets, each claims run takes lines for the fastest rate seen at its level (1.5x, the unsent
+ones back), and the catch-up lasts `ingest_s` seconds of the import's rate. Lines that must
+not repeat (fresh PIDs) are sent once: a run that runs out of them stops early, cleanly, and
+the report lists it under `short_runs`.
+
 `--quick` is a smoke test of about a minute (64 connections only, one 2 s run a scenario,
 small databases; the 1M database is written by bulk SQL instead of the import): its ratios
 move by +-0.2 on a shared machine. The full run (four connection levels, three repetitions of

@@ -99,13 +99,19 @@ def spawn_server(data_dir: Path, *, cpus: set[int] | None, log_dir: Path,
 
     Answers about unknown ids are never held back (`--unknown-rate-per-sec 0`): the
     benchmark measures what the Bloom-negative path and a subscribe cost, not the hold that
-    slows a spray of them (tests/adversary/overload.py measures that)."""
+    slows a spray of them (tests/adversary/overload.py measures that).
+
+    One process (`--workers 1`, the single process with no worker processes): the benchmark
+    pins the server to one core, beside the ceilings, and reads its CPU time and /metrics;
+    worker processes (the default is one per core) would spread over the load generator's
+    core, their CPU would not be the process's, and the ratios would no longer compare code
+    on one core."""
     return start_server(
         data_dir, env={"MONERO_RPC_URL": wallet_url} if wallet_url else None, wait=False,
         log_dir=log_dir, cpus=cpus,
         args=("--pid-bloom-entries", str(bloom_entries), "--pid-bloom-fp-rate", repr(fp_rate),
               "--min-confirmations", str(MIN_CONFIRMATIONS), "--unknown-rate-per-sec", "0",
-              *extra))
+              "--workers", "1", *extra))
 
 
 def internal(server: ServerProcess, method: str, path: str) -> httpx.Response:
@@ -296,15 +302,17 @@ def start_wallet(*, height: int, cpus: set[int] | None) -> Wallet:
 
 
 def histogram(text: str, name: str) -> dict[str, float]:
-    """Cumulative buckets of a Prometheus histogram (`le` → count), plus `_count`/`_sum`."""
+    """Cumulative buckets of a Prometheus histogram (`le` → count), plus `_count`/`_sum`: the
+    process's own series only (a server with worker processes adds each worker's, labelled
+    `worker`, after its own)."""
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith(f"{name}_bucket{{"):
+        if line.startswith(f'{name}_bucket{{le="') and line.count("=") == 1:
             le = line.split('le="', 1)[1].split('"', 1)[0]
             out[le] = float(line.rsplit(" ", 1)[1])
-        elif line.startswith(f"{name}_count"):
+        elif line.startswith(f"{name}_count "):
             out["_count"] = float(line.rsplit(" ", 1)[1])
-        elif line.startswith(f"{name}_sum"):
+        elif line.startswith(f"{name}_sum "):
             out["_sum"] = float(line.rsplit(" ", 1)[1])
     return out
 

@@ -132,6 +132,9 @@ def finish(report: dict[str, Any]) -> dict[str, Any]:
         "failed": sum(1 for t in targets if t.passed is False),
         "not_measured": sum(1 for t in targets if t.passed is None),
         "failed_ids": [t.id for t in targets if t.passed is False],
+        # runs whose request lines ran out (each sent once): ended early, measured over the
+        # time they ran; listed in `short_runs`
+        "short_runs": len(report.get("short_runs", [])),
     }
     if report.get("meta", {}).get("mode") == "quick":
         report["summary"]["note"] = QUICK_NOTE
@@ -184,6 +187,15 @@ def render(report: dict[str, Any]) -> str:
     out.append(f"load average at start {meta.get('loadavg_at_start')}, at end "
                f"{meta.get('loadavg_at_end')} (above the core count: other work shared the "
                "machine)")
+    probe, prepared = meta.get("rate_probe") or {}, report.get("prepared") or {}
+    if probe or prepared:
+        needs = prepared.get("needs") or {}
+        out.append(f"fixtures: rate probe (quart-trio ceiling, {probe.get('connections', '?')} "
+                   f"connections) {_fmt(probe.get('rps'), '.0f')} req/s; database "
+                   f"{prepared.get('unclaimed', '?')} unclaimed + {prepared.get('claimed', '?')}"
+                   f" claimed tickets (the claims runs need {needs.get('fresh', '?')} fresh "
+                   f"PIDs at that rate); {prepared.get('ingest_transfers', '?')} transfers a "
+                   "catch-up")
     http = _measured(report, "http")
     if http:
         out.append("")
@@ -364,9 +376,17 @@ def render(report: dict[str, Any]) -> str:
         trows.append([mark, t["id"], vtext, f"{t['op']} {t['threshold']:g} {t['unit']}".strip(),
                       t["what"]])
     out.extend(_table(["", "target", "value", "wanted", "what"], trows, "llrll"))
+    short = report.get("short_runs", [])
+    if short:
+        out.append("")
+        out.append(f"{len(short)} run{'s' if len(short) > 1 else ''} ran out of lines (each "
+                   "sent once) and stopped early; rates are over the time they ran:")
+        out.extend(f"  {r.get('run')}: {r.get('requests')} requests in {_fmt(r.get('ran_s'))} s "
+                   f"of {_fmt(r.get('planned_s'))} s ({r.get('lines')} lines)" for r in short)
     s = report.get("summary", {})
     out.append(f"{s.get('passed', 0)} passed, {s.get('failed', 0)} failed"
-               + (f", {s['not_measured']} not measured" if s.get("not_measured") else ""))
+               + (f", {s['not_measured']} not measured" if s.get("not_measured") else "")
+               + (f", {s['short_runs']} short runs" if s.get("short_runs") else ""))
     if s.get("note"):
         out.append(s["note"])
     return "\n".join(out)

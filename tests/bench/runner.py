@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tests.bench import SECTIONS, data, floor, procs, profiling, report, wrk
+from tests.bench import SECTIONS, data, floor, procs, profiling, report, sizing, wrk
 from tests.bench.procs import Ceiling
 from tests.bench.wrk import WrkResult
 from tests.process.proc import ServerProcess
@@ -36,18 +36,29 @@ class Plan:
     seconds: dict[int, int]  # wrk duration per connection level
     reps: int
     target_reps: int  # repetitions at the targets' level (report.TARGET_LEVEL)
-    unclaimed: int  # recorded, unclaimed payments in the legacy database
-    claimed: int  # claimed payments (no token row: they get their legacy token at import)
+    # The legacy database holds at least this many recorded, unclaimed payments (the storage
+    # measurements are made on a database this large), and more when the runs need more
+    # fresh PIDs at the rate the probe measured (`sizing.needs`).
+    unclaimed: int
+    # At least this many claimed payments (no token row: they get their legacy token at
+    # import); more when the uncached already_claimed runs need more (`sizing.needs`).
+    claimed: int
     warmup_s: int
     storage_reps: int  # runs of each server (group commit, one transaction a claim), alternating
     floor_claims: int  # claims the bare-SQL floor makes at each batch size
-    ingest_transfers: int
+    # The catch-up: this many seconds of the rate `db import-legacy` wrote this run's data
+    # (`sizing.ingest_transfers`).
+    ingest_s: float
     big_pids: int
     big_via_import: bool  # the 1M database through `db import-legacy` (else bulk SQL)
     startup_runs: int
     negatives: int = 5000
     tokens: int = 5000
     profile_s: int = 6
+    # The rate probe: this many 1 s runs of the quart-trio ceiling at the targets' level (the
+    # fastest counts: 1 s runs of it moved from 717 to 1,206 req/s within a minute here)
+    # before the database is written; every fixture is sized from its rate (`sizing`).
+    probe_runs: int = 3
     retries: int = 2
     ws_idle: int = 1000  # idle websocket subscribers
     ws_reps: int = 2  # runs without and with them, alternating
@@ -67,7 +78,7 @@ class Plan:
 
 QUICK = Plan("quick", levels=(64,), seconds={64: 2}, reps=1, target_reps=1, unclaimed=30_000,
              claimed=5_000, warmup_s=1, storage_reps=1, floor_claims=3_000,
-             ingest_transfers=20_000, big_pids=1_000_000,
+             ingest_s=0.8, big_pids=1_000_000, probe_runs=1,
              big_via_import=False, startup_runs=1, negatives=2000, tokens=2000, profile_s=4,
              retries=1, ws_fanout=100, ingest_reps=1, ws_reps=1, interleave_ceiling=False,
              ws_memory_rounds=1, ws_stuck_reps=1,
@@ -78,7 +89,7 @@ QUICK = Plan("quick", levels=(64,), seconds={64: 2}, reps=1, target_reps=1, uncl
 FULL = Plan("full", levels=(1, 16, 64, 256), seconds={1: 5, 16: 5, 64: 5, 256: 5}, reps=3,
             target_reps=5,
             unclaimed=200_000, claimed=40_000, warmup_s=2, storage_reps=3,
-            floor_claims=20_000, ingest_transfers=100_000,
+            floor_claims=20_000, ingest_s=7.0,
             big_pids=1_000_000, big_via_import=True, startup_runs=3, profile_s=8, ws_reps=5)
 
 GC_SECONDS = "anon_ticket_gc_seconds_total"
@@ -184,6 +195,7 @@ class Cell:
         p99 = med([r.p99_ms for r in runs])
         per_run = [_cpu_us(cpu, r) for cpu, r in zip(self.server_cpu, runs, strict=True)]
         cpu_per_req = [c for c in per_run if c]
+        gc = [r.extra.get("server_gc_share") for r in runs]
         paired: dict[str, Any] = {}
         if self.paired_rps:
             paired["paired_ratio_to_quart"] = median_ratio([r.rps for r in runs],
@@ -207,12 +219,15 @@ class Cell:
             "socket_errors": sum(r.socket_errors for r in runs),
             "wrapped": sum(r.wrapped for r in runs),
             "server_cpu_us_per_req": round(med(cpu_per_req), 1) if cpu_per_req else None,
-            "server_cpu_util": round(med([c / r.duration_s for c, r in
-                                          zip(self.server_cpu, runs, strict=True)]), 3),
-            "server_gc_share": (round(med(gc), 4) if (gc := [
-                r.extra["server_gc_share"] for r in runs
-                if r.extra.get("server_gc_share") is not None]) else None),
+            "server_cpu_util": round(med([c / r.duration_s if r.duration_s else 0.0 for c, r
+                                          in zip(self.server_cpu, runs, strict=True)]), 3),
+            "server_gc_share": (round(med(known), 4) if (known := [
+                g for g in gc if g is not None]) else None),
+            **({"server_gc_share_runs": gc} if any(g is not None for g in gc) else {}),
             "generator_cpu": max((r.generator_cpu or 0.0) for r in runs),
+            # runs whose lines ran out (each line sent once): stopped early, rate over the
+            # time they ran
+            "short_runs": sum(1 for r in runs if r.exhausted),
             **({"server_events_runs": events} if (events := [
                 r.extra["server_events"] for r in runs if "server_events" in r.extra]) else {}),
         }
@@ -247,7 +262,9 @@ def median_ratio(values: Sequence[float | None], against: Sequence[float | None]
 
 def _stall_events(before: str, after: str) -> dict[str, int]:
     """What in a run's /metrics may stall the loop for a while, to read a run's tail by:
-    full collections, WAL checkpoints by mode, transactions slower than SLOW_COMMIT."""
+    full collections (and their time: each walks the whole heap not frozen at start-up, so
+    one is a pause of every request in flight), WAL checkpoints by mode, transactions slower
+    than SLOW_COMMIT."""
     def delta(name: str) -> dict[str, float]:
         a, b = procs.counter_by_label(before, name), procs.counter_by_label(after, name)
         return {k: v - a.get(k, 0.0) for k, v in b.items()}
@@ -256,6 +273,7 @@ def _stall_events(before: str, after: str) -> dict[str, int]:
     checkpoints = delta(CHECKPOINTS)
     return {
         "gc_full": round(delta(GC_COLLECTIONS).get("2", 0.0)),
+        "gc_full_ms": round(delta(GC_SECONDS).get("2", 0.0) * 1000),
         "checkpoint_passive": round(checkpoints.get("passive", 0.0)),
         "checkpoint_restart": round(checkpoints.get("restart", 0.0)),
         "slow_commits": round(commits.get("_count", 0.0) - commits.get(SLOW_COMMIT, 0.0)),
@@ -313,18 +331,48 @@ class Bench:
         # shared by the http and websocket sections, with the fake wallet it polls
         self.server: ServerProcess | None = None
         self.wallet: procs.Wallet | None = None
-        self._claims_rate = 0.0  # the fastest fresh-PID redeem run so far (req/s)
+        # The fastest run at each connection level so far (req/s): the quart-trio ceiling's
+        # and every claims run's, the probe's at the targets' level. A claims run's lines are
+        # sized from it (`sizing.per_run`).
+        self.rates: dict[int, float] = {}
+        self.probe_rate: float | None = None
+        self.import_rows_per_s = 0.0  # how fast `db import-legacy` wrote this run's data
+        self.short_runs: list[dict[str, Any]] = []  # runs whose lines ran out
         # The fake wallets' height to begin with: 100 blocks above the prepared payments, so
         # the poller's recent window (20 blocks) never holds what was imported.
         self.wallet_height = 1000
 
-    def _take_fresh(self, want: int) -> list[bytes]:
-        take = self.fresh[:want]
+    def _note_rate(self, level: int, rps: float) -> None:
+        self.rates[level] = max(self.rates.get(level, 0.0), rps)
+
+    def _basis(self, level: int) -> float:
+        """The rate (req/s) a claims run at `level` is sized from: the fastest measured at
+        that level in this run, else the probe's (measured at the targets' level)."""
+        return self.rates.get(level) or self.probe_rate or 0.0
+
+    def _lines_for(self, level: int, seconds: float) -> int:
+        return sizing.per_run(self._basis(level), seconds, level)
+
+    def _take(self, pool: list[bytes], want: int, what: str) -> list[bytes]:
+        """The first `want` of `pool` (taken out of it); fewer when it holds fewer: then the
+        run stops early when they run out, and is reported as short."""
+        take = pool[:want]
         if len(take) < want:
-            self.log(f"  warning: only {len(take)} fresh PIDs left for {want} wanted; "
-                     "the run may repeat PIDs (then counted as already_claimed)")
-        del self.fresh[:len(take)]
+            self.log(f"  warning: only {len(take)} {what} left for {want} wanted; the run "
+                     "will stop when they run out (reported as short)")
+        del pool[:len(take)]
         return take
+
+    def _take_fresh(self, want: int) -> list[bytes]:
+        return self._take(self.fresh, want, "fresh PIDs")
+
+    @staticmethod
+    def _give_back(pool: list[bytes], take: list[bytes], result: WrkResult) -> list[bytes]:
+        """Put the lines a `once` run did not send back at the head of `pool` (they are
+        still fresh); returns those it sent."""
+        sent, unsent = wrk.split_sent(take, result)
+        pool[:0] = unsent
+        return sent
 
     def _file(self, lines: list[str]) -> Path:
         self._files += 1
@@ -332,20 +380,66 @@ class Bench:
 
     # --- preparation ---------------------------------------------------------------------
 
-    def prepare(self) -> tuple[data.LegacySet, Path]:
-        """The legacy database, imported into a data directory no server ever runs on: each
-        server of the run starts on a copy of it."""
+    def probe(self) -> None:
+        """The rate probe: the quart-trio ceiling (started alone, pinned like the http
+        section's; not warmed up: its first tenth of a second moves the rate less than the
+        machine does) at the targets' level, `probe_runs` runs of 1 s, before the database is
+        written. The database's fresh and claimed tickets are sized from the fastest, and so
+        is every claims run until one at its level has been measured."""
         p = self.plan
-        self.log(f"preparing: legacy database with {p.unclaimed} unclaimed + {p.claimed} "
-                 "claimed payments")
-        legacy = data.write_legacy(self.work / "legacy.db", p.unclaimed, p.claimed)
+        level = report.TARGET_LEVEL
+        ceiling = procs.spawn_ceiling("quart", cpus=None,
+                                      log_path=self.work / "ceiling-probe.log")
+        runs: list[tuple[WrkResult, float]] = []
+        try:
+            procs.ready([ceiling], cpus=self.pinning.server)
+            lines = self._file([_body(b) for b in data.unknown_pids(2000)])
+            for _ in range(max(1, p.probe_runs)):
+                runs.append(self._drive(ceiling, "POST", "/echo", lines, level, 1))
+        finally:
+            ceiling.stop()
+        result, cpu = max(runs, key=lambda run: run[0].rps)
+        self.probe_rate = result.rps
+        self._note_rate(level, result.rps)
+        self.log(f"rate probe: the quart-trio ceiling at {level} connections, "
+                 + ", ".join(f"{r.rps:.0f}" for r, _ in runs) + " req/s")
+        self.report["meta"]["rate_probe"] = {
+            "rps": round(result.rps, 1), "runs_rps": [round(r.rps, 1) for r, _ in runs],
+            "connections": level, "seconds_per_run": 1,
+            "server_cpu_us_per_req": round(c, 1) if (c := _cpu_us(cpu, result)) else None,
+            "note": "the quart-trio ceiling before anything else (the fastest of its runs): "
+                    "the database's fresh and claimed tickets are sized from this rate "
+                    "(`sizing`)"}
+
+    def prepare(self, only: tuple[str, ...] = SECTIONS) -> tuple[data.LegacySet, Path]:
+        """The legacy database, imported into a data directory no server ever runs on: each
+        server of the run starts on a copy of it. Its tickets: what the planned runs need at
+        the probe's rate (`sizing.needs`), never fewer than the plan's."""
+        p = self.plan
+        needs = sizing.needs(p, self.probe_rate or 0.0, only, self.profile_dir is not None)
+        self.log(f"preparing: legacy database with {needs.unclaimed} unclaimed + "
+                 f"{needs.claimed} claimed payments (the runs need {needs.fresh} fresh PIDs "
+                 f"on the shared server at {needs.rate:.0f} req/s)")
+        legacy = data.write_legacy(self.work / "legacy.db", needs.unclaimed, needs.claimed)
         self.fresh = [row[0] for row in legacy.unclaimed]
         self.wallet_height = max(row[3] for row in (*legacy.unclaimed, *legacy.claimed)) + 100
         base = self.work / "base"
         imported = data.import_legacy(base, legacy, cpus=self.pinning.server)
+        self.import_rows_per_s = imported.rows_per_s
         self.log(f"  db import-legacy: {imported.rows} rows in {imported.seconds:.1f} s")
         self.report["prepared"] = {
-            "unclaimed": p.unclaimed, "claimed": p.claimed,
+            "unclaimed": needs.unclaimed, "claimed": needs.claimed,
+            "plan_unclaimed": p.unclaimed, "plan_claimed": p.claimed,
+            "needs": needs.as_dict(), "per_run_margin": sizing.PER_RUN_MARGIN,
+            "ingest_transfers": sizing.ingest_transfers(p, imported.rows_per_s),
+            "sizing_note": ("fresh: the unclaimed tickets the http and websocket server's "
+                            "claims runs may take (each run's lines: rate x seconds x "
+                            "per_run_margin + connections, at the probe's rate; unsent lines "
+                            "go back); storage: each storage server's; uncached: the claimed "
+                            "tickets the uncached already_claimed runs may ask; the database "
+                            "holds the most of these and the plan's own sizes; "
+                            "ingest_transfers: ingest_s seconds of the import's rows per "
+                            "second"),
             "loaded_by": "anon-ticket db import-legacy (the operator's path)",
             "import_seconds": round(imported.seconds, 2),
             "import_rows_per_s": round(imported.rows_per_s, 0),
@@ -430,21 +524,36 @@ class Bench:
                 child.stop()
 
     def _drive(self, child: Child, method: str, path: str, lines: Path,
-               connections: int, seconds: int) -> tuple[WrkResult, float]:
+               connections: int, seconds: int, *, once: bool = False,
+               label: str = "") -> tuple[WrkResult, float]:
+        """One wrk run against `child`; (the run, the child's CPU seconds over it). `once`:
+        each line is sent once, and a run whose lines run out stops early and is recorded
+        in `short_runs` (labelled `label`)."""
         cpu_before = procs.cpu_seconds(child.proc.pid)
         result = wrk.run_wrk(child.url, script=self.script, method=method, path=path,
                              lines_file=lines, connections=connections, duration_s=seconds,
-                             cpus=self.pinning.generator)
-        return result, procs.cpu_seconds(child.proc.pid) - cpu_before
+                             cpus=self.pinning.generator, once=once)
+        cpu = procs.cpu_seconds(child.proc.pid) - cpu_before
+        if result.exhausted:
+            short = {"run": label or path, "connections": connections,
+                     "planned_s": round(result.planned_s, 3),
+                     "ran_s": round(result.duration_s, 3), "lines": sum(result.lines_by_thread),
+                     "requests": result.requests, "rps": round(result.rps, 1)}
+            self.short_runs.append(short)
+            self.log(f"  warning: {short['run']} ran out of its {short['lines']} lines after "
+                     f"{short['ran_s']} s of {short['planned_s']} s (a short run: its rate is "
+                     "over the time it ran)")
+        return result, cpu
 
     def _drive_server(self, server: ServerProcess, method: str, path: str,
-                      lines: Path, connections: int, seconds: int
-                      ) -> tuple[WrkResult, float, str, str]:
+                      lines: Path, connections: int, seconds: int, *, once: bool = False,
+                      label: str = "") -> tuple[WrkResult, float, str, str]:
         """`_drive` on our server, with its /metrics before and after the run; the run's
         share of time in the garbage collector, its stalls and its storage work go into
         `result.extra`."""
         before = procs.read_metrics(server)
-        result, cpu = self._drive(server, method, path, lines, connections, seconds)
+        result, cpu = self._drive(server, method, path, lines, connections, seconds,
+                                  once=once, label=label)
         after = procs.read_metrics(server)
         gc_s = procs.counter_total(after, GC_SECONDS) - procs.counter_total(before, GC_SECONDS)
         result.extra["server_gc_share"] = (round(gc_s / result.duration_s, 4)
@@ -464,29 +573,27 @@ class Bench:
         if "hop" in ceilings:
             ceiling_of["quart_hop"] = ceilings["hop"]
 
-        claimed = [row[0] for row in legacy.claimed]
-        uncached = claimed[p.tokens:] or list(claimed)
-        rate_guess: dict[int, float] = {}
+        # claimed tickets asked once each (the first `tokens` serve the token runs)
+        uncached = [row[0] for row in legacy.claimed][p.tokens:]
         cells: dict[str, dict[int, Cell]] = {k: {} for k in report.SCENARIOS}
         batches: dict[str, dict[int, dict[str, float]]] = {}
         recent: list[bytes] = []
+        # the scenarios whose lines are sent once each (a second request would be another
+        # path), from these pools; the lines a run did not send go back
+        pools = {"new_claims": self.fresh, "already_claimed_uncached": uncached}
 
         def setup(scenario: str, level: int, seconds: int
                   ) -> tuple[Child, str, str, Path, list[bytes]]:
-            """Server, method, path and request lines of one run (fresh ones where needed)."""
-            guess = rate_guess.get(level, 1500.0 if level == 1 else 3000.0)
+            """Server, method, path and request lines of one run (fresh ones where needed,
+            as many as the fastest run at this level so far would send, with room)."""
             if scenario in ceiling_of:
                 return ceiling_of[scenario], "POST", "/echo", negatives, []
-            if scenario == "new_claims":
-                take = self._take_fresh(int(guess * seconds * 1.5) + level + 100)
+            if scenario in pools:
+                what = "fresh PIDs" if scenario == "new_claims" else "uncached claimed PIDs"
+                take = self._take(pools[scenario], self._lines_for(level, seconds), what)
                 return server, "POST", REDEEM, self._file([_body(b) for b in take]), take
             if scenario == "already_claimed":
                 return server, "POST", REDEEM, self._file([_body(b) for b in recent]), []
-            if scenario == "already_claimed_uncached":
-                take = uncached[:int(guess * seconds * 1.5) + level]
-                del uncached[:len(take)]
-                lines = self._file([_body(b) for b in take or claimed])
-                return server, "POST", REDEEM, lines, take
             if scenario == "bloom_negative":
                 return server, "POST", REDEEM, negatives, []
             if scenario == "invalid_pid":
@@ -516,9 +623,12 @@ class Bench:
                     best: tuple[WrkResult, float] | None = None
                     for attempt in range(1 + p.retries):
                         child, method, path, lines, take = setup(scenario, level, seconds)
+                        once = scenario in pools
+                        label = f"http {scenario} c={level} rep {rep + 1}"
                         if child is server:
                             result, cpu, before, after = self._drive_server(
-                                server, method, path, lines, level, seconds)
+                                server, method, path, lines, level, seconds, once=once,
+                                label=label)
                             acc = batches.setdefault(scenario, {}).setdefault(level, {})
                             for k, v in procs.histogram_delta(
                                     procs.histogram(before, BATCHES),
@@ -526,13 +636,14 @@ class Bench:
                                 acc[k] = acc.get(k, 0.0) + v
                         else:
                             result, cpu = self._drive(child, method, path, lines, level,
-                                                      seconds)
+                                                      seconds, label=label)
+                        sent = self._give_back(pools[scenario], take, result) if once else []
+                        if scenario in ("quart_ceiling", "new_claims"):
+                            self._note_rate(level, result.rps)
                         if scenario == "new_claims":
-                            rate_guess[level] = max(rate_guess.get(level, 0.0), result.rps)
-                            # certainly claimed by now: wrk may use up the first line
-                            # before it sends anything, and the last `level` may be cut
+                            # certainly claimed by now: the last `level` sent may be cut
                             done = max(0, result.count_of(("200:success",)) - level)
-                            recent = take[1:max(done, 2)]
+                            recent = sent[:max(done, 1)]
                         util = cpu / result.duration_s if result.duration_s else 0.0
                         result.extra["server_cpu_util"] = round(util, 3)
                         result.extra["attempts"] = attempt + 1
@@ -639,7 +750,9 @@ class Bench:
         self.profile_dir.mkdir(parents=True, exist_ok=True)
         p = self.plan
         runs: dict[str, Any] = {}
-        fresh = self._take_fresh(1500 * p.profile_s)
+        level = report.TARGET_LEVEL
+        fresh = self._take_fresh(self._lines_for(level, p.profile_s))
+        claimed: list[bytes] = []  # what the profiled new-claims run sent
         negatives = [_body(b) for b in data.unknown_pids(2000)]
         # name: (child, method, path, make the lines)
         scenarios: dict[str, tuple[Child, str, str, Callable[[], Path]]] = {
@@ -647,7 +760,7 @@ class Bench:
             "new_claims": (server, "POST", REDEEM,
                            lambda: self._file([_body(b) for b in fresh])),
             "already_claimed": (server, "POST", REDEEM,
-                                lambda: self._file([_body(b) for b in fresh[:2000]])),
+                                lambda: self._file([_body(b) for b in claimed[:2000]])),
             "bloom_negative": (server, "POST", REDEEM, lambda: self._file(negatives)),
             "invalid_pid": (server, "POST", REDEEM, lambda: self._file(list(INVALID_BODIES))),
             "token": (server, "GET", "", lambda: self._file(
@@ -659,8 +772,10 @@ class Bench:
             lines = make()
             out = self.profile_dir / f"{name}.collapsed.txt"
             spy = profiling.record(child.proc.pid, out, seconds=max(1, p.profile_s - 2))
-            result, _ = self._drive(child, method, path, lines, report.TARGET_LEVEL,
-                                    p.profile_s)
+            result, _ = self._drive(child, method, path, lines, level, p.profile_s,
+                                    once=name == "new_claims", label=f"profile {name}")
+            if name == "new_claims":
+                claimed = self._give_back(self.fresh, fresh, result)
             _, err = spy.communicate(timeout=60)
             if spy.returncode != 0 or not out.exists():
                 runs[name] = {"error": err.decode(errors="replace")[-500:]}
@@ -716,7 +831,8 @@ class Bench:
                     watch = procs.start_watchload(server.url, p.ws_idle, fan_file,
                                                   cpus=self.pinning.generator)
                     loads.append(watch.ready)
-                result, cpu = self._new_claims(server, level, seconds)
+                result, cpu = self._new_claims(server, level, seconds,
+                                               f"websocket new_claims {mode} run {i + 1}")
                 cells[mode].runs.append(result)
                 cells[mode].server_cpu.append(cpu)
                 self.log(f"  new claims c={level}, {p.ws_idle if watch else 0:>4} idle "
@@ -765,19 +881,19 @@ class Bench:
             out["stuck_watcher"] = self._stuck_watcher(server, level, seconds)
         self.report["websocket"] = out
 
-    def _new_claims(self, server: ServerProcess, level: int, seconds: int
+    def _new_claims(self, server: ServerProcess, level: int, seconds: int, label: str
                     ) -> tuple[WrkResult, float]:
-        """One wrk run of fresh-PID redeems (as many as the fastest new-claims run so far,
-        with room) on `server`; (the run, the server's CPU seconds over it)."""
-        guess = max((c["rps"] for c in self.report.get("http", {}).get("scenarios", {})
-                     .get("new_claims", {}).values()), default=1500.0)
-        guess = max(guess, self._claims_rate)
-        take = self._take_fresh(int(guess * seconds * 1.5) + level + 100)
+        """One wrk run of fresh-PID redeems on `server`, each sent once (as many as the
+        fastest run at `level` so far would send, with room; the unsent ones go back);
+        (the run, the server's CPU seconds over it)."""
+        take = self._take_fresh(self._lines_for(level, seconds))
         lines = self._file([_body(b) for b in take])
-        result, cpu, _, _ = self._drive_server(server, "POST", REDEEM, lines, level, seconds)
-        self._claims_rate = max(self._claims_rate, result.rps)
+        result, cpu, _, _ = self._drive_server(server, "POST", REDEEM, lines, level, seconds,
+                                               once=True, label=label)
+        self._give_back(self.fresh, take, result)
+        self._note_rate(level, result.rps)
         if result.count_of(EXPECTED["new_claims"]) < 0.99 * result.requests:
-            self.log(f"  warning: {result.counts} (fresh PIDs ran out?)")
+            self.log(f"  warning: not every redeem claimed: {result.counts}")
         return result, cpu
 
     def _stuck_watcher(self, server: ServerProcess, level: int, seconds: int
@@ -803,10 +919,11 @@ class Bench:
         try:
             modes = [m for rep in range(p.ws_stuck_reps)
                      for m in (("reading", "stuck") if rep % 2 == 0 else ("stuck", "reading"))]
-            for mode in modes:
+            for i, mode in enumerate(modes):
                 load.command(f"watch {mode} {busy}", "watching")
                 time.sleep(p.ws_stuck_settle_s)
-                result, cpu = self._new_claims(server, level, seconds)
+                result, cpu = self._new_claims(server, level, seconds,
+                                               f"websocket stuck_watcher {mode} run {i + 1}")
                 fate = load.command("unwatch", "unwatched", timeout=60)
                 fates.append(fate)
                 cells[mode].runs.append(result)
@@ -923,8 +1040,9 @@ class Bench:
             for rep in range(p.storage_reps):
                 order = list(servers) if rep % 2 == 0 else list(reversed(servers))
                 for variant in order:
-                    result, cpu, before, after = self._claims_on(servers[variant],
-                                                                 pools[variant], level, seconds)
+                    result, cpu, before, after = self._claims_on(
+                        servers[variant], pools[variant], level, seconds,
+                        f"storage {variant} rep {rep + 1}")
                     cells[variant].runs.append(result)
                     cells[variant].server_cpu.append(cpu)
                     work[variant].append(result.extra["storage"])
@@ -992,30 +1110,35 @@ class Bench:
                        "per redeem")
         self.report["storage"] = out
 
-    def _claims_on(self, server: ServerProcess, pool: list[bytes], level: int, seconds: int
-                   ) -> tuple[WrkResult, float, str, str]:
-        """A fresh-PID redeem run on a server of the storage section (its PIDs from `pool`)."""
-        want = int((self._claims_rate or 1500.0) * seconds * 1.5) + level
-        take = pool[:want]
-        del pool[:want]
+    def _claims_on(self, server: ServerProcess, pool: list[bytes], level: int, seconds: int,
+                   label: str) -> tuple[WrkResult, float, str, str]:
+        """A fresh-PID redeem run on a server of the storage section (its PIDs from `pool`,
+        sized like every claims run; the unsent ones go back)."""
+        take = self._take(pool, self._lines_for(level, seconds), "fresh PIDs")
         lines = self._file([_body(b) for b in take])
-        out = self._drive_server(server, "POST", REDEEM, lines, level, seconds)
-        self._claims_rate = max(self._claims_rate, out[0].rps)
+        out = self._drive_server(server, "POST", REDEEM, lines, level, seconds, once=True,
+                                 label=label)
+        self._give_back(pool, take, out[0])
+        self._note_rate(level, out[0].rps)
         return out
 
     # --- ingestion -----------------------------------------------------------------------------
 
     def ingestion(self, base: Path) -> None:
         """A catch-up from the wallet: a server on a copy of the prepared data, its poller
-        paused while the fake wallet (holding `ingest_transfers` new payments, 10 a block)
+        paused while the fake wallet (holding new payments, 10 a block, as many as the
+        import wrote in `ingest_s`: `sizing.ingest_transfers`)
         raises its height over all of them, then resumed; timed until the poller's height
         (/metrics) reaches the last of them. The floor: the storage actor's crediting
         statements on a bare connection, in as many transactions as the server used."""
         p = self.plan
         ours: list[dict[str, Any]] = []
         raw: list[floor.FloorRun] = []
+        count = sizing.ingest_transfers(p, self.import_rows_per_s)
+        self.log(f"  {count} transfers a catch-up ({p.ingest_s:g} s of the import's "
+                 f"{self.import_rows_per_s:.0f} rows per second)")
         for rep in range(p.ingest_reps):
-            run, transfers = self._catch_up(base, rep)
+            run, transfers = self._catch_up(base, rep, count)
             ours.append(run)
             per_tx = max(1, math.ceil(run["transfers"] / max(1.0, run["transactions"])))
             db = data.copy_data_dir(base, self.work / f"floor-ingest-{rep}") / "anon-ticket.db"
@@ -1058,6 +1181,8 @@ class Bench:
                              "(their own timing, /metrics) over these, per second of "
                              "transaction time"),
             "transfers": run["transfers"], "messages": round(run["transactions"]),
+            "transfers_basis": (f"{p.ingest_s:g} s of the rate db import-legacy wrote this "
+                                f"run's data ({round(self.import_rows_per_s)} rows per second)"),
             "credited": round(run["credited"]),
             "seconds": round(run["seconds"], 3), "cpu_seconds": round(run["cpu_seconds"], 3),
             "server_gc_share": run["gc_share"],
@@ -1071,9 +1196,8 @@ class Bench:
                      "transactions; new PIDs through the filter; committed events to the hub"),
         }
 
-    def _catch_up(self, base: Path, rep: int
+    def _catch_up(self, base: Path, rep: int, count: int
                   ) -> tuple[dict[str, Any], list[floor.Transfer]]:
-        p = self.plan
         wallet = procs.start_wallet(height=self.wallet_height, cpus=self.pinning.generator)
         server = procs.spawn_server(
             data.copy_data_dir(base, self.work / f"ingest-{rep}"), cpus=None,
@@ -1086,7 +1210,7 @@ class Bench:
             first = self.wallet_height + 1
             transfers: list[floor.Transfer] = [
                 (os.urandom(32), data.random_pid(), data.AMOUNT, first + i // data.PER_BLOCK)
-                for i in range(p.ingest_transfers)]
+                for i in range(count)]
             top = transfers[-1][3]
             path = self.work / f"transfers-{rep}.txt"
             with open(path, "w") as f:
@@ -1206,7 +1330,12 @@ class Bench:
         }
         timings = self.report["meta"]["section_seconds"] = {}
         mark = time.perf_counter()
-        legacy, base = self.prepare()
+        if sizing.shared_server_runs(self.plan, only, self.profile_dir is not None) \
+                or sizing.storage_runs(self.plan, only):
+            self.probe()  # (nothing to size when no section claims)
+            timings["probe"] = round(time.perf_counter() - mark, 1)
+            mark = time.perf_counter()
+        legacy, base = self.prepare(only)
         timings["prepare"] = round(time.perf_counter() - mark, 1)
         sections: dict[str, Callable[[], None]] = {
             "http": lambda: self.http(legacy, base),
@@ -1235,6 +1364,9 @@ class Bench:
             self._stop_server()
         if "profile" not in self.report:
             self.report["profile"] = {"status": "not run (pass --profile DIR)"}
+        self.report["short_runs"] = self.short_runs
+        if "prepared" in self.report:  # what the sizing left over (its margin, in PIDs)
+            self.report["prepared"]["fresh_left_at_end"] = len(self.fresh)
         self.report["meta"]["duration_s"] = round(time.perf_counter() - started, 1)
         self.report["meta"]["loadavg_at_end"] = _loadavg()
         return report.finish(self.report)
