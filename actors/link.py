@@ -20,6 +20,7 @@ import os
 import socket
 from typing import Any
 
+import apsw
 import trio
 from prometheus_client import generate_latest
 
@@ -112,18 +113,21 @@ class Link:
         reader = self.reader
         if reader is not None:
             kind = type(msg)
-            if kind is Claim:
-                answer = reader.claimed(msg.pid)
-                if answer is not None:
-                    env.reply(answer)
+            try:
+                if kind is Claim:
+                    answer = reader.claimed(msg.pid)
+                    if answer is not None:
+                        env.reply(answer)
+                        return
+                elif kind is LookupToken:
+                    info = reader.token_info(msg.token)
+                    if info is None:
+                        env.fail(NotFound(NOT_FOUND))
+                    else:
+                        env.reply(info)
                     return
-            elif kind is LookupToken:
-                info = reader.token_info(msg.token)
-                if info is None:
-                    env.fail(NotFound(NOT_FOUND))
-                else:
-                    env.reply(info)
-                return
+            except apsw.Error:
+                pass  # busy past its timeout, or an I/O error: the owner answers instead
         what, arg = encode_ask(msg)
         rid = next(self._ids)
         self._pending[rid] = env
