@@ -2,8 +2,9 @@
 # Installs what anon-ticket needs on a fresh Debian 12 machine: the Debian `monero` package
 # (monerod + monero-wallet-rpc, for the local regtest chain), `wrk` (for the benchmark), with
 # --test `prometheus` (for `promtool`, which checks config/prometheus/; on a machine run by
-# systemd, Debian starts prometheus.service too) and `chromium` + `chromium-driver` (the
-# checkout page's browser tests), and a virtualenv in .venv with the project
+# systemd, Debian starts prometheus.service too), `chromium` + `chromium-driver` (the
+# checkout page's browser tests) and `postgresql` (the PostgreSQL store's tests start servers of
+# their own from its binaries, tests/pgserver.py), and a virtualenv in .venv with the project
 # and, with --test, its test tools. Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -22,6 +23,12 @@ bare=()
 # at /usr/bin/chromium and /usr/bin/chromedriver and never downloads a browser or a driver).
 [ "$WITH_TEST" = 0 ] || [ -x /usr/bin/chromium ] || bare+=(chromium)
 [ "$WITH_TEST" = 0 ] || [ -x /usr/bin/chromedriver ] || bare+=(chromium-driver)
+# PostgreSQL's server binaries (initdb, pg_ctl, postgres under /usr/lib/postgresql/<version>/bin,
+# not on PATH): the tests initdb and run throwaway servers of their own in temporary directories
+# (tests/pgserver.py). The package's own `main` cluster is not used; where no init system runs
+# it stays down, which is fine. Without its recommends (sysstat, logrotate), which they do not need.
+[ "$WITH_TEST" = 0 ] || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null ||
+  bare+=(postgresql)
 all=("${missing[@]}" "${bare[@]}")
 if [ "${#all[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
