@@ -26,6 +26,7 @@ from anon_ticket.domain.messages import (
     Committed,
     Confirmations,
     Detach,
+    FeedSynced,
     PaymentSeen,
     Settle,
     SightingGone,
@@ -63,6 +64,7 @@ class Fanout:
                 PaymentSeen: self._push,
                 Confirmations: self._push,
                 SightingGone: self._push,
+                FeedSynced: self._push,
                 Attach: self._attach,
                 Detach: self._detach,
                 Acked: self._acked,
@@ -137,8 +139,8 @@ class Fanout:
                 del self._waiting[env.msg.push_id]
                 entry[0].reply(entry[1])
 
-    def _push(self, env: Envelope[Committed | PaymentSeen | Confirmations | SightingGone]
-              ) -> None:
+    def _push(self, env: Envelope[Committed | PaymentSeen | Confirmations | SightingGone
+                                  | FeedSynced]) -> None:
         if self._workers:
             what, value = encode_push(env.msg)
             self._send(["push", None, what, value])

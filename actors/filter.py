@@ -13,15 +13,22 @@
   effects on to the fanout (`replicas`), which answers the poller once every worker has the
   new ids queued; a worker's filter is a replica: the same actor, its `storage` a link to the
   owner's, fed `Replicated` and `Committed` by its link.
+- With several nodes on PostgreSQL (docs/architecture.md §9) the filter is prewarmed from the
+  database in one snapshot together with the cluster feed's last entry (`feed_from`: its
+  cluster actor follows the feed from there), and answers alone (Bloom negative, cached claim)
+  only while the cluster actor reports the feed read recently (`FeedSynced`); otherwise every
+  redeem asks storage: a node cut off from the feed is slower, never wrong.
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import apsw
 import trio
@@ -37,6 +44,7 @@ from anon_ticket.domain.messages import (
     Claimed,
     ClaimStatus,
     Committed,
+    FeedSynced,
     Invalidate,
     Lookup,
     Presence,
@@ -64,10 +72,14 @@ class FilterConfig:
     bloom_fp_rate: float
     cache_ttl: float
     cache_capacity: int
+    postgres_url: str | None = None  # several nodes share this database (§9)
 
 
-def build_bloom(config: FilterConfig, seed: int) -> BloomFilter:
-    """Size and fill the filter from the database, streaming (runs in a worker thread)."""
+def build_bloom(config: FilterConfig, seed: int) -> tuple[BloomFilter, int | None]:
+    """Size and fill the filter from the database, streaming (runs in a worker thread); with
+    PostgreSQL, also the cluster feed's last entry in the same snapshot."""
+    if config.postgres_url is not None:
+        return _build_bloom_pg(config, seed)
     conn = apsw.Connection(str(config.db_path), flags=apsw.SQLITE_OPEN_READONLY)
     try:
         with conn:  # one read snapshot: additions committed later arrive by message
@@ -78,7 +90,38 @@ def build_bloom(config: FilterConfig, seed: int) -> BloomFilter:
             bloom.add_many(pid for (pid,) in conn.execute("SELECT pid FROM tickets"))
     finally:
         conn.close()
-    return bloom
+    return bloom, None
+
+
+def feed_end(url: str) -> int:
+    """The cluster feed's last entry now."""
+    import psycopg
+
+    with psycopg.connect(url, connect_timeout=10) as conn:
+        row: Any = conn.execute("SELECT coalesce(max(id), 0) FROM cluster_events").fetchone()
+        return int(row[0])
+
+
+def _build_bloom_pg(config: FilterConfig, seed: int) -> tuple[BloomFilter, int]:
+    """One REPEATABLE READ snapshot: every id committed after it has a feed entry numbered
+    above the last one it sees (entries are numbered in commit order), so following the feed
+    from there misses none."""
+    import psycopg
+
+    assert config.postgres_url is not None
+    with psycopg.connect(config.postgres_url, connect_timeout=10) as conn:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        row: Any = conn.execute("SELECT coalesce(max(id), 0) FROM cluster_events").fetchone()
+        feed_from = int(row[0])
+        row = conn.execute("SELECT count(*) FROM tickets").fetchone()
+        count = int(row[0]) if row else 0
+        bloom = BloomFilter.for_capacity(max(config.bloom_entries, 2 * count, 1),
+                                         config.bloom_fp_rate, seed)
+        with conn.cursor(name="prewarm") as cur:  # streamed from the server
+            cur.itersize = 10_000
+            cur.execute("SELECT pid FROM tickets")
+            bloom.add_many(bytes(pid) for (pid,) in cur)
+    return bloom, feed_from
 
 
 class Filter:
@@ -101,19 +144,26 @@ class Filter:
         self._hint_negative = hints.labels("bloom_negative")
         self._hint_cache_hit = hints.labels("cache_hit")
         self._hint_maybe = hints.labels("maybe")
+        # Several nodes: the last feed entry the prewarm saw, and until when (trio clock) the
+        # Bloom filter and the cache may answer alone; None: one node, always.
+        self.feed_from: int | None = None
+        self._trusted_until: float | None = -math.inf if config.postgres_url else None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if self.config.bloom_entries > 0:
             started = time.perf_counter()
-            self.bloom = await trio.to_thread.run_sync(
+            bloom, self.feed_from = await trio.to_thread.run_sync(
                 build_bloom, self.config, secrets.randbits(64))
-            self.metrics.bloom_entries.set(len(self.bloom))
-            log.info("bloom filter ready", entries=len(self.bloom), bits=self.bloom.bits,
-                     hashes=self.bloom.hashes, memory_bytes=self.bloom.nbytes,
+            self.bloom = bloom
+            self.metrics.bloom_entries.set(len(bloom))
+            log.info("bloom filter ready", entries=len(bloom), bits=bloom.bits,
+                     hashes=bloom.hashes, memory_bytes=bloom.nbytes,
                      fp_rate=self.config.bloom_fp_rate,
                      seconds=round(time.perf_counter() - started, 3))
         else:
             log.warning("no bloom filter: every redeem of an unknown id reaches storage")
+            if self.config.postgres_url is not None:  # (the cache still follows the feed)
+                self.feed_from = await trio.to_thread.run_sync(feed_end, self.config.postgres_url)
         task_status.started()
         await self.mailbox.serve(Dispatch(self.name, {
             Redeem: self._redeem,
@@ -122,12 +172,17 @@ class Filter:
             Committed: self._committed,
             Replicated: self._replicated,
             Settle: self._settle,
+            FeedSynced: self._feed_synced,
             FilterStats: self._stats,
         }))
 
     def _answer(self, pid: PaymentId) -> Presence | Claimed:
         key = pid.raw
         bloom = self.bloom
+        trusted = self._trusted_until
+        if trusted is not None and trio.current_time() >= trusted:
+            self._hint_maybe.inc()  # cut off from the other nodes: storage answers
+            return Presence.MAYBE
         if bloom is not None and key not in bloom:
             self._hint_negative.inc()
             return Presence.ABSENT
@@ -184,6 +239,14 @@ class Filter:
         else:
             env.reply(env.msg.answer)
 
+    def _feed_synced(self, env: Envelope[FeedSynced]) -> None:
+        self._trusted_until = trio.current_time() + env.msg.valid_for
+        if self.replicas is not None:
+            try:
+                self.replicas.tell(env.msg)
+            except AnonTicketError:
+                pass  # (the workers distrust themselves a little sooner)
+
     def _replicated(self, env: Envelope[Replicated]) -> None:
         """A worker's replica: the owner's new ids, then their events to this process's hub."""
         self._add_to_bloom(env.msg.pids)
@@ -237,6 +300,8 @@ class Filter:
             "cache_entries": len(self._cache),
             "cache_capacity": self.config.cache_capacity,
         }
+        if self.feed_from is not None:
+            figures["feed_from"] = self.feed_from
         if bloom is not None:
             figures.update(entries=len(bloom), bits=bloom.bits, hashes=bloom.hashes,
                            memory_bytes=bloom.nbytes,

@@ -27,7 +27,7 @@ from prometheus_client import generate_latest
 from anon_ticket.domain.commands import Drain
 from anon_ticket.domain.ids import PaymentId
 from anon_ticket.domain.inboxes import FilterMsg, HubMsg, PollerMsg, PublicMsg, StorageMsg
-from anon_ticket.domain.messages import Claim, LookupToken, Replicated
+from anon_ticket.domain.messages import Claim, FeedSynced, LookupToken, Replicated
 from anon_ticket.errors import AnonTicketError, NotFound
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
@@ -198,6 +198,11 @@ class Link:
             self._send(["ack", push_id])
         elif what == "committed":
             await self.filter.tell_wait(decode_committed(value))
+        elif what == "synced":  # the owner read the cluster feed (§9)
+            try:
+                self.filter.tell(FeedSynced(float(value)))
+            except AnonTicketError:
+                pass  # (the replica distrusts itself a little sooner)
         elif what in ("seen", "confirmations", "gone"):
             try:
                 self.hub.tell(decode_note(what, value))

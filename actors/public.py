@@ -507,7 +507,8 @@ class Public:
             if self.poller is not None:
                 chain = await chain_status()
                 body["chain"] = chain
-                if chain is None or chain["state"] != "ok":
+                # (a standby node: another one polls, docs/architecture.md §9)
+                if chain is None or chain["state"] not in ("ok", "standby"):
                     body["status"] = "degraded"  # redemption of recorded payments still works
             if writes["writable"] is False:  # no claim can commit: not healthy
                 body["status"] = "unavailable"

@@ -86,14 +86,17 @@ CLAIM_READ = (
     "SELECT amount, token, (SELECT txid FROM transfers WHERE transfers.pid = tickets.pid "
     "AND vanished_at IS NULL ORDER BY height, txid LIMIT 1) FROM tickets WHERE pid = ?")
 # ...and writes token, time and the ticket's next event number in one statement.
-CLAIM_WRITE = ("UPDATE tickets SET token = ?, claimed_at = ?, seq = seq + 1 WHERE pid = ? "
-               "RETURNING seq")
+# Conditional (claimed only if unclaimed): with several nodes on one PostgreSQL database two
+# of them may race on one id; the loser's statement changes nothing and it answers
+# already_claimed with the winner's token (docs/architecture.md §9).
+CLAIM_WRITE = ("UPDATE tickets SET token = ?, claimed_at = ?, seq = seq + 1 "
+               "WHERE pid = ? AND token IS NULL RETURNING seq")
 # Crediting a transfer: is it known already (and vanished in a reorg?) ...
 TRANSFER_READ = "SELECT height, vanished_at FROM transfers WHERE txid = ? AND pid = ?"
 # ...create its ticket or add to it, numbering the event...
 CREDIT = ("INSERT INTO tickets (pid, amount, created_at, seq) VALUES (?, ?, ?, 1) "
-          "ON CONFLICT (pid) DO UPDATE SET amount = amount + excluded.amount, seq = seq + 1 "
-          "RETURNING amount, token, revoked_at, seq")
+          "ON CONFLICT (pid) DO UPDATE SET amount = tickets.amount + excluded.amount, "
+          "seq = tickets.seq + 1 RETURNING amount, token, revoked_at, seq")
 # ...and keep it (I1: once per (txid, pid)).
 TRANSFER_INSERT = ("INSERT INTO transfers (txid, pid, amount, height, recorded_at) "
                    "VALUES (?, ?, ?, ?, ?)")
@@ -172,6 +175,26 @@ class _Forward:
 Handled = tuple[object, tuple[Effect, ...]]
 
 
+@dataclass(slots=True)
+class Outcome:
+    """What one transaction came to, delivered on the loop once it has run (with PostgreSQL
+    it runs in the storage actor's thread): the committed requests' answers and effects, or
+    the one failure every request of it gets, or (`undo`) the answer of a request that ran
+    alone and was rolled back."""
+
+    group: list[Envelope[StorageMsg]]
+    answers: list[tuple[Envelope[StorageMsg], object]]
+    effects: list[Effect]
+    seconds: float = 0.0
+    lost: AnonTicketError | None = None
+    undo: Failure | None = None
+    feed: int | None = None  # PostgreSQL: this transaction's entry in `cluster_events`
+
+    @classmethod
+    def failed(cls, group: list[Envelope[StorageMsg]], error: AnonTicketError) -> Outcome:
+        return cls(group, [], [], lost=error)
+
+
 def open_connection(path: Path) -> apsw.Connection:
     create_private(path)  # (exists as a rule: migrations ran) a new file is never 0644
     conn = apsw.Connection(str(path))
@@ -242,16 +265,7 @@ class Storage:
     # --- running ----------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        conn = self._conn = open_connection(self.config.db_path)
-        self._cur = conn.cursor()
-        # Replaces SQLite's autocheckpoint, which would run inline in a COMMIT on the loop.
-        conn.setwalhook(self._wal_hook)
-        row = conn.execute("SELECT value FROM state WHERE key = 'epoch'").fetchone()
-        if row is None:
-            raise StorageError("the database has no event epoch: run its migrations")
-        self._epoch = int(row[0])
-        if self._on_open is not None:
-            self._on_open(conn)
+        await self._open()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -262,17 +276,48 @@ class Storage:
                     Backup: self._start_backup,
                     StorageHealth: self._answer_health,
                 })
-                nursery.start_soon(self._checkpointer)
-                log.info("storage ready", db=self.config.db_path.name,
+                self._start_background(nursery)
+                log.info("storage ready", db=self._db_name(),
                          batch_limit=self.config.batch_limit)
                 task_status.started()
                 await self._serve()
         finally:
+            self._close()
+
+    # The database's own parts (PostgreSQL's storage overrides these: actors/storage_pg.py).
+
+    async def _open(self) -> None:
+        conn = self._conn = open_connection(self.config.db_path)
+        self._cur = conn.cursor()
+        # Replaces SQLite's autocheckpoint, which would run inline in a COMMIT on the loop.
+        conn.setwalhook(self._wal_hook)
+        row = conn.execute("SELECT value FROM state WHERE key = 'epoch'").fetchone()
+        if row is None:
             conn.close()
-            self._conn = self._cur = None
-            if self._checkpoints is not None:
-                self._checkpoints.close()
-                self._checkpoints = None
+            raise StorageError("the database has no event epoch: run its migrations")
+        self._epoch = int(row[0])
+        if self._on_open is not None:
+            self._on_open(conn)
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = self._cur = None
+        if self._checkpoints is not None:
+            self._checkpoints.close()
+            self._checkpoints = None
+
+    def _start_background(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self._checkpointer)
+
+    def _db_name(self) -> str:
+        return self.config.db_path.name
+
+    async def _run_transactions(self, groups: list[list[Envelope[StorageMsg]]]) -> None:
+        """Each transaction, then its delivery, before the next runs: what is committed is
+        never lost to a later one's failure."""
+        for group in groups:
+            await self._deliver(self._execute(group))
 
     async def _serve(self) -> None:
         inbox = self.mailbox.inbox
@@ -285,14 +330,7 @@ class Storage:
                 except trio.WouldBlock:
                     break
             try:
-                forwards: list[tuple[Envelope[StorageMsg], AddPids | Settle]] = []
-                for group in self._transactions(self._live(batch)):
-                    effects = self._transaction(group, forwards)
-                    if effects:  # before the next transaction: nothing committed is lost
-                        await self._tell_filter(effects)
-                    for env, msg in forwards:  # answered by the filter (or the fanout)
-                        self.filter.forward(msg, env)
-                    forwards.clear()
+                await self._run_transactions(list(self._transactions(self._live(batch))))
             except BaseException:
                 # A bug, not a database condition: nobody of this batch waits forever.
                 for env in batch:
@@ -355,9 +393,8 @@ class Storage:
         if group:
             yield group
 
-    def _transaction(self, group: list[Envelope[StorageMsg]],
-                     forwards: list[tuple[Envelope[StorageMsg], AddPids | Settle]]
-                     ) -> list[Effect]:
+    def _execute(self, group: list[Envelope[StorageMsg]]) -> Outcome:
+        """Run one transaction; answer nobody yet (`_deliver` does, on the loop)."""
         conn = self._conn
         assert conn is not None
         started = time.perf_counter()
@@ -385,32 +422,47 @@ class Storage:
                     except (OverflowError, UnicodeError, ValueError) as exc:
                         # A value SQLite cannot hold (an integer past 64 bits, a lone
                         # surrogate): refused before any statement of it ran.
-                        log.error("request refused", request=self._kinds[kind],
-                                  error=type(exc).__name__)
-                        answer, more = Failure(InvalidInput(
-                            "invalid request: a value cannot be stored")), ()
+                        answer, more = self._unstorable(kind, exc), ()
                     if kind in multi and isinstance(answer, Failure):
                         raise _Undo(answer)  # alone in this transaction: roll back its part
                     answers.append((env, answer))
                     effects.extend(more)
         except _Undo as undo:
-            self._counters[type(group[0].msg)].inc()
-            group[0].reply(undo.answer)
-            return []
+            return Outcome(group, [], [], undo=undo.answer)
         except apsw.Error as exc:
-            self.metrics.batches_failed.inc()
-            log.error("transaction lost", size=len(group), error=type(exc).__name__)
-            self._write_failed(exc)
-            for env in group:
-                env.fail(Unavailable("storage could not commit; retry"))
-            return []
+            self._transaction_lost(len(group), exc)
+            return Outcome.failed(group, Unavailable("storage could not commit; retry"))
         if self._write_error is not None and conn.total_changes() > changes:
             self._write_recovered()
+        return Outcome(group, answers, effects, time.perf_counter() - started)
+
+    def _unstorable(self, kind: type, exc: Exception) -> Failure:
+        log.error("request refused", request=self._kinds[kind], error=type(exc).__name__)
+        return Failure(InvalidInput("invalid request: a value cannot be stored"))
+
+    def _transaction_lost(self, size: int, exc: BaseException) -> None:
+        self.metrics.batches_failed.inc()
+        log.error("transaction lost", size=size, error=type(exc).__name__)
+        self._write_failed(exc)
+
+    async def _deliver(self, outcome: Outcome) -> None:
+        """On the loop, after the COMMIT: the replies, then (before anything else runs) what
+        the filter must hear, then the answers that go through the filter."""
+        group = outcome.group
+        if outcome.undo is not None:
+            self._counters[type(group[0].msg)].inc()
+            group[0].reply(outcome.undo)
+            return
+        if outcome.lost is not None:
+            for env in group:
+                env.fail(outcome.lost)
+            return
         # Committed: only now does anyone hear about it.
         self.metrics.batch_size.observe(len(group))
-        self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        self.metrics.commit_seconds.observe(outcome.seconds)
         counts: dict[type, int] = {}
-        for env, answer in answers:
+        forwards: list[tuple[Envelope[StorageMsg], AddPids | Settle]] = []
+        for env, answer in outcome.answers:
             kind = type(env.msg)
             counts[kind] = counts.get(kind, 0) + 1
             if isinstance(answer, _Forward):
@@ -421,11 +473,18 @@ class Storage:
             counter = self._counters.get(kind)
             if counter is not None:  # (not for a handler added after construction)
                 counter.inc(n)
-        return effects
+        if outcome.effects:  # before the next transaction: nothing committed is lost
+            await self._tell_filter(outcome.effects)
+        for env, msg in forwards:  # answered by the filter (or the fanout)
+            self._forward(env, msg, outcome.feed)
+
+    def _forward(self, env: Envelope[StorageMsg], msg: AddPids | Settle,
+                 feed: int | None) -> None:
+        self.filter.forward(msg, env)
 
     # --- write health ------------------------------------------------------------------------
 
-    def _write_failed(self, exc: apsw.Error) -> None:
+    def _write_failed(self, exc: BaseException) -> None:
         reason = (str(exc).strip() or type(exc).__name__)[:200]
         if self._write_error is None:
             log.error("storage cannot write", error=reason)
@@ -464,6 +523,10 @@ class Storage:
         rows = self._cur.execute(sql, args).fetchall()
         return rows[0] if rows else None
 
+    def _all(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
+        assert self._cur is not None
+        return self._cur.execute(sql, args).fetchall()
+
     def _event(self, kind: EventKind, pid: PaymentId, token: bytes | None, seq: int,
                **fields: object) -> TicketEvent:
         """A committed fact of one ticket, numbered by the statement that wrote it
@@ -485,7 +548,13 @@ class Storage:
             raise NotFound(NOT_FOUND)
         token = derive(self.config.derivation, self.config.secret, msg.pid, first_txid.hex())
         # Claim, token and the event's number are one statement (I3).
-        (seq,) = self._one(CLAIM_WRITE, (token.raw, self._now, raw))
+        written = self._one(CLAIM_WRITE, (token.raw, self._now, raw))
+        if written is None:  # another node claimed it since the read: its token stands
+            amount, token_raw, _ = self._one(CLAIM_READ, (raw,))
+            token = ServiceToken(token_raw)
+            return (Claimed(ClaimStatus.ALREADY_CLAIMED, token, amount),
+                    (CacheClaim(msg.pid, token, amount),))
+        (seq,) = written
         event = self._event(EventKind.CLAIMED, msg.pid, token.raw, seq, balance=amount)
         return Claimed(ClaimStatus.SUCCESS, token, amount), (
             CacheClaim(msg.pid, token, amount), Publish((event,)))
@@ -548,8 +617,8 @@ class Storage:
             events.append(self._event(kind, t.pid, token_raw, seq, amount=t.amount,
                                       balance=balance))
         for s in msg.skipped:
-            self._one("INSERT OR IGNORE INTO skipped (txid, reason, amount, height, payment_id, "
-                      "recorded_at) VALUES (?, ?, ?, ?, ?, ?)",
+            self._one("INSERT INTO skipped (txid, reason, amount, height, payment_id, "
+                      "recorded_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                       (s.txid, s.reason, s.amount, s.height, s.payment_id, now))
         if msg.cursor is not None:
             self._one(CURSOR_WRITE, (msg.cursor,))
@@ -567,10 +636,9 @@ class Storage:
         return (row[0] if row else None), ()
 
     def _recent(self, msg: RecentTransfers) -> Handled:
-        assert self._cur is not None
-        rows: list[Any] = self._cur.execute(
+        rows = self._all(
             "SELECT txid, pid, height FROM transfers WHERE height > ? AND vanished_at IS NULL",
-            (msg.above_height,)).fetchall()
+            (msg.above_height,))
         return tuple(RecordedTransfer(r[0], PaymentId(r[1]), r[2]) for r in rows), ()
 
     def _vanish(self, msg: MarkVanished) -> Handled:
@@ -615,10 +683,9 @@ class Storage:
                            self._epoch, status, amount), ()
 
     def _list_skipped(self, msg: ListSkipped) -> Handled:
-        assert self._cur is not None
-        rows: list[Any] = self._cur.execute(
+        rows = self._all(
             "SELECT txid, reason, amount, height, recorded_at FROM skipped "
-            "ORDER BY recorded_at DESC, txid LIMIT ?", (msg.limit,)).fetchall()
+            "ORDER BY recorded_at DESC, txid LIMIT ?", (msg.limit,))
         return tuple(SkippedRow(r[0].hex(), r[1], r[2], r[3], r[4]) for r in rows), ()
 
     def _stats(self, msg: StorageStats) -> Handled:

@@ -93,6 +93,32 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+POSTGRES_SCHEMES = ("postgres", "postgresql")
+
+
+def is_postgres_url(url: str | None) -> bool:
+    return url is not None and url.strip().partition("://")[0].lower() in POSTGRES_SCHEMES
+
+
+def parse_postgres_url(url: str) -> str:
+    """A `postgres://` or `postgresql://` URL, as libpq reads it (host, port, user, password,
+    database and its `?key=value` options, `host=/dir` for a unix socket)."""
+    from psycopg import conninfo  # (loaded only for an operator who chose PostgreSQL)
+
+    text = url.strip()
+    try:
+        conninfo.conninfo_to_dict(text)
+    except Exception as exc:  # psycopg.ProgrammingError: libpq could not parse it
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
+        raise _Bad(f"not a valid PostgreSQL URL ({reason[:120]})") from None
+    return text
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password (for logs and `describe`)."""
+    return re.sub(r"(://[^:/@?#]*:)[^@/?#]*@", r"\1***@", url)
+
+
 def parse_database_url(url: str, cwd: Path) -> Path:
     """`sqlite:///abs/path` or `sqlite://rel/path` (relative to `cwd`), optional `?mode=rwc`."""
     text = url.strip()
@@ -107,8 +133,8 @@ def parse_database_url(url: str, cwd: Path) -> Path:
             else (repr(text) if "@" not in text else "a URL with credentials")
         )
         raise _Bad(
-            "only sqlite:// URLs are supported (sqlite:///absolute/path or "
-            f"sqlite://relative/path), got {what}"
+            "only sqlite:// and postgres:// URLs are supported (sqlite:///absolute/path, "
+            f"sqlite://relative/path or postgres://user@host/database), got {what}"
         )
     path_text, qsep, query = rest.partition("?")
     if qsep:
@@ -264,6 +290,7 @@ class Settings:
     batch_limit: int = 256
     workers: int = 0
     worker_reads: WorkerReads = "local"
+    node_name: str | None = None
     grace_secs: float = 10.0
     restart_intensity: int = 5
     restart_period_secs: float = 30.0
@@ -271,8 +298,15 @@ class Settings:
     backoff_max_secs: float = 5.0
 
     @property
+    def postgres_url(self) -> str | None:
+        """The PostgreSQL URL when the database is PostgreSQL (several nodes may share it);
+        None for the embedded SQLite file."""
+        return self.database_url if is_postgres_url(self.database_url) else None
+
+    @property
     def database_path(self) -> Path:
-        if self.database_url is None:
+        """The SQLite file (with PostgreSQL: none is used; this names where it would be)."""
+        if self.database_url is None or self.postgres_url is not None:
             return self.data_dir / DB_FILE_NAME
         return parse_database_url(self.database_url, Path.cwd())
 
@@ -335,7 +369,10 @@ class Settings:
             elif isinstance(value, Path):
                 value = str(value)
             out[f.name] = value
-        out["database_path"] = str(self.database_path)
+        if self.postgres_url is not None:
+            out["database_url"] = redact_url(self.postgres_url)
+        else:
+            out["database_path"] = str(self.database_path)
         socket = self.internal_socket_path
         out["internal_socket_path"] = None if socket is None else str(socket)
         return out
@@ -354,6 +391,14 @@ def _text(value: object) -> str:
     s = value.strip()
     if not s:
         raise _Bad("must not be empty")
+    return s
+
+
+def _node_name(value: object) -> str:
+    s = _text(value)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", s):
+        raise _Bad("must be 1 to 63 letters, digits, '.', '_' or '-' (starting with a letter "
+                   f"or digit), got {value!r}")
     return s
 
 
@@ -454,7 +499,10 @@ def _host_port(value: object) -> str:
 
 
 def _database_url(value: object) -> str:
-    path = parse_database_url(_text(value), Path.cwd())
+    text = _text(value)
+    if is_postgres_url(text):
+        return parse_postgres_url(text)
+    path = parse_database_url(text, Path.cwd())
     return f"sqlite://{path}"
 
 
@@ -529,7 +577,8 @@ _SPECS: tuple[_Spec, ...] = (
           "data directory: database, token secret, sockets, lock",
           (), "./data", parse=_path),
     _Spec("database_url",
-          "sqlite:///abs/path or sqlite://rel/path (optional ?mode=rwc)",
+          "sqlite:///abs/path or sqlite://rel/path (optional ?mode=rwc), or "
+          "postgres://user:password@host/db (several nodes may share it)",
           ("DATABASE_URL",), "<data-dir>/anon-ticket.db", parse=_database_url),
     _Spec("bind_address",
           "public listener host:port",
@@ -639,6 +688,10 @@ _SPECS: tuple[_Spec, ...] = (
           "with workers: local (a worker reads claimed tickets and tokens from the database "
           "itself, read-only) or owner (it asks the owner for them)",
           parse=_worker_reads),
+    _Spec("node_name",
+          "this node's name among several sharing a PostgreSQL database (logs, the "
+          "cluster_nodes table); default: host name and a random suffix",
+          default_text="<host>-<random>", parse=_node_name),
     _Spec("grace_secs",
           "shutdown grace in seconds",
           parse=_float(0, lo_open=False)),

@@ -194,6 +194,12 @@ class Metrics:
                                    "Seconds since the last successful poll", registry=r)
         self.bloom_entries = Gauge("anon_ticket_bloom_entries", "Payment ids in the Bloom filter",
                                    registry=r)
+        self.poller_leader = Gauge("anon_ticket_poller_leader",
+                                   "1 while this node runs the poller (PostgreSQL: the node "
+                                   "holding the poller lock), else 0", registry=r)
+        self.feed_applied = Gauge("anon_ticket_cluster_feed_applied",
+                                  "Last cluster feed entry this node applied (PostgreSQL)",
+                                  registry=r)
         self.alerts = Counter("anon_ticket_alerts", "Conditions an operator must look at",
                               ["kind"], registry=r)
 

@@ -213,3 +213,121 @@ def migrate(path: Path) -> list[str]:
         return pending
     finally:
         conn.close()
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------
+#
+# The same tables for several nodes sharing one database (docs/architecture.md §9). Columns,
+# types and constraints mirror the SQLite layout after m004 (bytea for blobs, bigint for
+# integers, timestamps as the same RFC 3339 text), so `db copy` moves rows unchanged and the
+# storage actor runs the same statements on both. Two tables only PostgreSQL has:
+# - `cluster_events`: what each committed write transaction changed (new payment ids,
+#   invalidations, ticket events), numbered in commit order (the appending transaction holds a
+#   transaction-level advisory lock until its COMMIT); every node follows it by number.
+# - `cluster_nodes`: each running node, the last entry it applied and when it last read.
+# Applied migrations are listed in `schema_migrations`; migrating holds an advisory lock, so
+# nodes starting together migrate once.
+
+POSTGRES_MIGRATIONS: tuple[tuple[str, str], ...] = (
+    ("p001_layout", """
+        CREATE TABLE tickets (
+            pid BYTEA PRIMARY KEY CHECK (octet_length(pid) = 8),
+            amount BIGINT NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            token BYTEA CHECK (token IS NULL OR octet_length(token) = 32),
+            claimed_at TEXT,
+            revoked_at TEXT,
+            revoke_reason TEXT,
+            abuse_score BIGINT NOT NULL DEFAULT 0,
+            seq BIGINT NOT NULL DEFAULT 0,
+            CHECK ((token IS NULL) = (claimed_at IS NULL)),
+            CHECK (revoked_at IS NULL OR token IS NOT NULL)
+        );
+        CREATE UNIQUE INDEX tickets_by_token ON tickets (token) WHERE token IS NOT NULL;
+        CREATE TABLE transfers (
+            txid BYTEA NOT NULL CHECK (octet_length(txid) = 32),
+            pid BYTEA NOT NULL REFERENCES tickets(pid),
+            amount BIGINT NOT NULL CHECK (amount > 0),
+            height BIGINT NOT NULL,
+            recorded_at TEXT NOT NULL,
+            vanished_at TEXT,
+            source TEXT NOT NULL DEFAULT 'chain',
+            PRIMARY KEY (pid, txid)
+        );
+        CREATE INDEX transfers_by_height ON transfers (height);
+        CREATE TABLE skipped (
+            txid BYTEA NOT NULL,
+            reason TEXT NOT NULL,
+            amount BIGINT NOT NULL,
+            height BIGINT NOT NULL,
+            payment_id TEXT,
+            recorded_at TEXT NOT NULL,
+            PRIMARY KEY (txid, reason)
+        );
+        CREATE TABLE state (
+            key TEXT PRIMARY KEY,
+            value BIGINT NOT NULL
+        );
+        INSERT INTO state (key, value)
+            VALUES ('epoch', 1 + floor(random() * 9007199254740990)::bigint)
+            ON CONFLICT (key) DO NOTHING;
+    """),
+    ("p002_cluster", """
+        CREATE TABLE cluster_events (
+            id BIGSERIAL PRIMARY KEY,
+            node TEXT NOT NULL,
+            at TIMESTAMPTZ NOT NULL DEFAULT now(),
+            body BYTEA NOT NULL
+        );
+        CREATE TABLE cluster_nodes (
+            node TEXT PRIMARY KEY,
+            applied BIGINT NOT NULL,
+            seen_at TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+    """),
+)
+KNOWN_POSTGRES = tuple(name for name, _ in POSTGRES_MIGRATIONS)
+# pg_advisory_lock keys (one 64-bit namespace per database): migrating, the poller's
+# leadership, and the order of `cluster_events`.
+LOCK_MIGRATE = 0x616E6F6E_0001
+LOCK_POLLER = 0x616E6F6E_0002
+LOCK_EVENTS = 0x616E6F6E_0003
+
+
+def migrate_postgres(dsn: str) -> list[str]:
+    """Bring the PostgreSQL database at `dsn` to this version's schema; return the migrations
+    applied. Each migration is one transaction; a database with migrations this version does
+    not know is refused, as with SQLite."""
+    import psycopg  # (only an operator who chose PostgreSQL needs the driver loaded)
+
+    try:
+        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+    except psycopg.Error as exc:
+        raise StorageError(f"cannot reach the database: {pg_reason(exc)}") from None
+    try:
+        conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_MIGRATE,))
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
+                     "name TEXT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+        applied = [r[0] for r in conn.execute("SELECT name FROM schema_migrations")]
+        unknown = [name for name in applied if name not in KNOWN_POSTGRES]
+        if unknown:
+            raise StorageError(
+                "the database was written by a newer anon-ticket (unknown migrations: "
+                f"{', '.join(sorted(unknown))}); refusing to open it")
+        pending = [(n, sql) for n, sql in POSTGRES_MIGRATIONS if n not in applied]
+        for name, sql in pending:
+            with conn.transaction():
+                conn.execute(sql.encode())
+                conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (name,))
+        return [name for name, _ in pending]
+    except psycopg.Error as exc:
+        raise StorageError(f"migrating the database failed: {pg_reason(exc)}") from None
+    finally:
+        conn.close()
+
+
+def pg_reason(exc: BaseException) -> str:
+    """A driver error as one line an operator can act on, without the DSN's password (libpq
+    messages name host and port, never the password)."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

@@ -18,6 +18,7 @@ owner -> worker
     ["fail", id, kind, text, retry_after]
     ["push", push_id, what, value]    what: replicate, barrier (both acknowledged)
                                       | committed | seen | confirmations | gone
+                                      | synced (the cluster feed was read: §9)
     ["beat"]
 """
 
@@ -39,6 +40,7 @@ from anon_ticket.domain.messages import (
     Confirmations,
     Effect,
     EventKind,
+    FeedSynced,
     Invalidate,
     LookupToken,
     PaymentSeen,
@@ -225,6 +227,8 @@ def encode_push(msg: object) -> tuple[str, Any]:
         return "confirmations", [msg.pid.raw, msg.txid, msg.confirmations, msg.required]
     if isinstance(msg, SightingGone):
         return "gone", [msg.pid.raw, msg.txid]
+    if isinstance(msg, FeedSynced):
+        return "synced", msg.valid_for
     raise WireError(f"{type(msg).__name__} is not pushed")
 
 
@@ -249,3 +253,25 @@ def decode_note(what: str, value: list[Any]) -> PaymentSeen | Confirmations | Si
         return Confirmations(PaymentId(pid), txid, confirmations, required)
     pid, txid = value
     return SightingGone(PaymentId(pid), txid)
+
+
+# --- the cluster feed (PostgreSQL, several nodes: docs/architecture.md §9) ------------------
+#
+# One `cluster_events` row per committed write transaction that other nodes must hear of:
+# msgpack of [committed effects (as pushed to a worker), new payment ids, their events].
+
+
+def encode_feed(effects: tuple[Effect, ...], pids: tuple[PaymentId, ...],
+                events: tuple[TicketEvent, ...]) -> bytes:
+    return _encoder.encode([encode_push(Committed(effects))[1], [p.raw for p in pids],
+                            encode_events(events)])
+
+
+def decode_feed(body: bytes) -> tuple[Committed, tuple[PaymentId, ...], tuple[TicketEvent, ...]]:
+    try:
+        effects, pids, events = msgspec.msgpack.decode(body, type=list[Any])
+        return (decode_committed(effects), tuple(PaymentId(p) for p in pids),
+                decode_events(events))
+    except (msgspec.DecodeError, ValueError, TypeError, KeyError, IndexError,
+            AnonTicketError) as exc:
+        raise WireError(f"unreadable cluster feed entry: {type(exc).__name__}") from None

@@ -4,10 +4,12 @@
 root (one-for-one)
 ├── devchain       only with --dev-chain: monerod --regtest + wallet-rpcs as child processes
 ├── core (rest-for-one: the filter is fed by storage, so it restarts after it)
-│   ├── storage    single writer, group commit
-│   └── filter     Bloom filter + positive cache, prewarmed from the database
+│   ├── storage    single writer, group commit (SQLite, or PostgreSQL: actors/storage_pg.py)
+│   ├── filter     Bloom filter + positive cache, prewarmed from the database
+│   └── cluster    PostgreSQL only: other nodes' commits in, this node's announced to all
 ├── hub            fans committed events and announcements out to websocket watchers
 ├── poller         watches monero-wallet-rpc; records deep transfers through storage
+│                  (PostgreSQL: only on the node holding the poller lock, supervisors/leadership.py)
 ├── public         redeem, token, info, watch (websocket), healthz (serves once core is ready)
 └── internal       unix socket: metrics, revoke, admin commands
 ```
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import gc
 import os
+import secrets
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,6 +34,7 @@ from typing import Any
 import apsw
 import trio
 
+from actors.cluster import Cluster, ClusterConfig
 from actors.devchain import DevChainActor
 from actors.fanout import Fanout
 from actors.filter import Filter, FilterConfig
@@ -38,6 +43,7 @@ from actors.internal import Internal, InternalConfig
 from actors.poller import Poller, PollerConfig
 from actors.public import Public, PublicConfig
 from actors.storage import Storage, StorageConfig
+from actors.storage_pg import PgConfig, PgStorage
 from actors.worker import SharedListener, WorkerConfig, WorkerProcess
 from anon_ticket import fdlimit, gctune, schema
 from anon_ticket.config import Settings, settings_to_json
@@ -47,6 +53,7 @@ from anon_ticket.devcli import DEVCHAIN_DIR
 from anon_ticket.domain.address import validate_primary
 from anon_ticket.domain.commands import ActorState, RestartActor, Shutdown, TreeStatus
 from anon_ticket.domain.inboxes import (
+    ClusterMsg,
     FanoutMsg,
     FilterMsg,
     HubMsg,
@@ -69,6 +76,7 @@ from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
 from anon_ticket.walletrpc import JsonRpc, WalletRpc
 from mailboxes import AnyMailbox, Dispatch, Envelope, Mailbox
+from supervisors.leadership import Leadership
 from supervisors.supervisor import (
     Backoff,
     ChildSpec,
@@ -101,6 +109,8 @@ class Mailboxes:
         default_factory=lambda: Mailbox[SupervisorMsg]("supervisor", 64))
     fanout: Mailbox[FanoutMsg] = field(
         default_factory=lambda: Mailbox[FanoutMsg]("fanout", 65536))
+    cluster: Mailbox[ClusterMsg] = field(
+        default_factory=lambda: Mailbox[ClusterMsg]("cluster", 65536))
     workers: dict[int, Mailbox[WorkerMsg]] = field(default_factory=dict)
 
     def by_name(self) -> dict[str, AnyMailbox]:
@@ -186,7 +196,17 @@ def filter_config(settings: Settings) -> FilterConfig:
         bloom_fp_rate=settings.pid_bloom_fp_rate,
         cache_ttl=settings.pid_cache_ttl_secs,
         cache_capacity=settings.pid_cache_capacity,
+        postgres_url=settings.postgres_url,
     )
+
+
+def node_name(settings: Settings) -> str:
+    """This node's name among several on one PostgreSQL database: set, or the host's name
+    and a random suffix (a restarted node is a new one: what it applied starts over)."""
+    if settings.node_name:
+        return settings.node_name
+    host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())
+    return f"{host[:48] or 'node'}-{secrets.token_hex(3)}"
 
 
 def public_config(settings: Settings, network: str | None,
@@ -257,14 +277,25 @@ def build_tree(settings: Settings, secret: bytes, *,
 
     workers = worker_count(settings)
     replicas = mb.fanout if workers > 1 else None
+    pg_url = settings.postgres_url
+    node = node_name(settings)
+    core_children = [
+        ChildSpec("storage", lambda: storage_factory(
+            storage_cfg, mb.storage, mb.filter, metrics, on_open=on_open), mb.storage),
+        ChildSpec("filter", lambda: Filter(filter_cfg, mb.filter, metrics, mb.storage,
+                                           hub=mb.hub, replicas=replicas), mb.filter),
+    ]
+    if pg_url is not None:
+        # docs/architecture.md §9: several nodes, one PostgreSQL database.
+        if storage_factory is Storage:
+            storage_factory = partial(PgStorage, pg=PgConfig(pg_url, node), cluster=mb.cluster)
+        cluster_cfg = ClusterConfig(pg_url, node, request_timeout=settings.request_timeout_secs)
+        core_children.append(ChildSpec("cluster", lambda: Cluster(
+            cluster_cfg, mb.cluster, mb.filter, metrics), mb.cluster))
     core = ChildSpec(
         "core",
-        lambda: Supervisor("core", [
-            ChildSpec("storage", lambda: storage_factory(
-                storage_cfg, mb.storage, mb.filter, metrics, on_open=on_open), mb.storage),
-            ChildSpec("filter", lambda: Filter(filter_cfg, mb.filter, metrics, mb.storage,
-                                               hub=mb.hub, replicas=replicas), mb.filter),
-        ], strategy=Strategy.REST_FOR_ONE, **limits),  # type: ignore[arg-type]
+        lambda: Supervisor("core", core_children, strategy=Strategy.REST_FOR_ONE,
+                           **limits),  # type: ignore[arg-type]
         status=_nested_status,
     )
     poller_cfg = PollerConfig(
@@ -287,11 +318,21 @@ def build_tree(settings: Settings, secret: bytes, *,
     poller = None
     if rpc_url is not None:
         url: str = rpc_url
-        poller = ChildSpec("poller", lambda: Poller(
-            poller_cfg,
-            lambda: WalletRpc(JsonRpc(url, login=rpc_login, timeout_cap=settings.rpc_timeout_secs)),
-            mb.poller,
-            mb.storage, metrics, events=events or mb.hub), mb.poller)
+
+        def make_poller() -> Poller:
+            return Poller(
+                poller_cfg,
+                lambda: WalletRpc(JsonRpc(url, login=rpc_login,
+                                          timeout_cap=settings.rpc_timeout_secs)),
+                mb.poller, mb.storage, metrics, events=events or mb.hub)
+
+        if pg_url is None:
+            metrics.poller_leader.set(1)  # one node: it always leads
+            poller = ChildSpec("poller", make_poller, mb.poller)
+        else:
+            lead_url: str = pg_url
+            poller = ChildSpec("poller", lambda: Leadership(
+                lead_url, node, make_poller, mb.poller, metrics), mb.poller)
     hub = ChildSpec("hub", lambda: Hub(mb.hub, metrics, replicas=replicas), mb.hub)
     public = ChildSpec("public", lambda: Public(public_cfg, mb.storage, mb.filter, metrics,
                                                 poller=mb.poller if poller else None,
@@ -381,7 +422,10 @@ async def run_server(settings: Settings, **tree_options: Any) -> int:
 async def _run_locked(settings: Settings, datadir: DataDir, signals: Any,
                       tree_options: dict[str, Any]) -> int:
     try:
-        applied = schema.migrate(settings.database_path)
+        if settings.postgres_url is not None:
+            applied = schema.migrate_postgres(settings.postgres_url)
+        else:
+            applied = schema.migrate(settings.database_path)
         if applied:
             log.info("database migrated", applied=",".join(applied))
         secret = datadir.token_secret()

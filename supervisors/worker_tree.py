@@ -48,8 +48,9 @@ def build_worker_tree(settings: Settings, index: int, link_sock: socket.socket,
                       public_fd: int) -> tuple[Link, Supervisor, Metrics]:
     mb = WorkerMailboxes()
     metrics = Metrics()
-    reader = (Reader(str(settings.database_path)) if settings.worker_reads == "local"
-              else None)
+    # Local reads open the SQLite file; with PostgreSQL every read goes through the owner.
+    reader = (Reader(str(settings.database_path))
+              if settings.worker_reads == "local" and settings.postgres_url is None else None)
     link = Link(index, link_sock, storage=mb.storage, poller=mb.poller, filter_=mb.filter,
                 hub=mb.hub, public=mb.public, metrics=metrics, reader=reader)
     filter_cfg = filter_config(settings)

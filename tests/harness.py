@@ -85,7 +85,10 @@ async def running_server(tmp_path: Path, **overrides: Any) -> AsyncIterator[Serv
     settings = make_settings(tmp_path / "data", **overrides)
     datadir = DataDir(settings.data_dir)
     datadir.ensure()
-    schema.migrate(settings.database_path)
+    if settings.postgres_url is not None:
+        schema.migrate_postgres(settings.postgres_url)
+    else:
+        schema.migrate(settings.database_path)
     tree = build_tree(settings, datadir.token_secret(), **tree_options)
     if settings.unix_socket is not None:
         transport = httpx.AsyncHTTPTransport(uds=str(settings.unix_socket))

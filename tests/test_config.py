@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -179,7 +180,8 @@ def test_relative_paths_resolved_against_cwd(
 # (field, original env name or None, bad value, words the problem must hold)
 BAD_VALUES: list[tuple[str, str | None, str, str]] = [
     ("data_dir", None, "  ", "must not be empty"),
-    ("database_url", "DATABASE_URL", "mysql://h/db", "only sqlite:// URLs are supported"),
+    ("database_url", "DATABASE_URL", "mysql://h/db",
+     "only sqlite:// and postgres:// URLs are supported"),
     ("bind_address", "API_BIND_ADDRESS", "127.0.0.1", "host:port"),
     ("bind_address", "API_BIND_ADDRESS", "127.0.0.1:65536", "0 to 65535"),
     ("bind_address", "API_BIND_ADDRESS", "::1:8080", "brackets"),
@@ -338,12 +340,23 @@ def test_database_url_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert load().database_path == Path(SHORT_DATA_DIR) / "anon-ticket.db"
 
 
+def test_a_postgres_url_is_kept_and_its_password_never_described() -> None:
+    settings = load(env={"DATABASE_URL": "postgres://anon:s3cret@db.example:5433/tickets"})
+    assert settings.postgres_url == "postgres://anon:s3cret@db.example:5433/tickets"
+    described = settings.describe()
+    assert described["database_url"] == "postgres://anon:***@db.example:5433/tickets"
+    assert "s3cret" not in json.dumps(described)
+    assert load(env={"DATABASE_URL": "postgresql:///tickets?host=/run/pg"}).postgres_url
+    assert load().postgres_url is None
+
+
 @pytest.mark.parametrize(
     ("url", "words"),
     [
-        ("postgres://user:pw@host/db", "only sqlite:// URLs are supported"),
-        ("x.db", "only sqlite:// URLs are supported"),
-        ("sqlite:x.db", "only sqlite:// URLs are supported"),
+        ("mysql://user:pw@host/db", "only sqlite:// and postgres:// URLs are supported"),
+        ("postgres://user:pw@host/db?bogus=1", "not a valid PostgreSQL URL"),
+        ("x.db", "only sqlite:// and postgres:// URLs are supported"),
+        ("sqlite:x.db", "only sqlite:// and postgres:// URLs are supported"),
         ("sqlite://x.db?mode=ro", "unsupported query mode=ro"),
         ("sqlite://x.db?cache=shared", "unsupported query cache=shared"),
         ("sqlite::memory:", "in-memory"),

@@ -25,11 +25,13 @@ from anon_ticket.domain.commands import (
 from anon_ticket.domain.messages import (
     Acked,
     AddPids,
+    AfterFeed,
     Attach,
     Claim,
     Committed,
     Confirmations,
     Detach,
+    FeedSynced,
     ListSkipped,
     Lookup,
     LookupToken,
@@ -51,12 +53,14 @@ from anon_ticket.domain.watch import Drop, Replay, Subscribe, Unsubscribe
 StorageMsg = (Claim | LookupToken | Revoke | RecordTransfers | ReadCursor | RecentTransfers
               | MarkVanished | ReadTicketState | ListSkipped | StorageStats | StorageHealth
               | Backup)
-FilterMsg = Redeem | Lookup | AddPids | Committed | Replicated | Settle | FilterStats
+FilterMsg = (Redeem | Lookup | AddPids | Committed | Replicated | Settle | FeedSynced
+             | FilterStats)
+ClusterMsg = AfterFeed  # a node's cluster actor (PostgreSQL, several nodes: §9)
 HubMsg = (Publish | PaymentSeen | Confirmations | SightingGone | Subscribe | Unsubscribe | Drop
           | Replay | HubStats)
 # The owner's fanout to its worker processes' links (docs/architecture.md §8)
-FanoutMsg = (AddPids | Settle | Committed | PaymentSeen | Confirmations | SightingGone | Attach
-             | Detach | Acked)
+FanoutMsg = (AddPids | Settle | Committed | PaymentSeen | Confirmations | SightingGone
+             | FeedSynced | Attach | Detach | Acked)
 WorkerMsg = WorkerMetrics | Drain  # a worker process's actor in the owner (actors/worker.py)
 PollerMsg = PollerStatus | PausePoller | ResumePoller | RescanFrom
 PublicMsg = Drain

@@ -377,5 +377,28 @@ class Acked(Notice):
     push_id: int
 
 
+# --- several nodes on one PostgreSQL database (docs/architecture.md §9) ------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AfterFeed(Request[object]):
+    """Storage to its node's cluster actor: `msg` (new ids, or a settle, carrying the
+    requester's reply slot) waits until every live node has applied entry `entry` of the
+    cluster feed, then goes to the filter: nobody hears of new ids, or of a revocation,
+    before every node's filter has them."""
+
+    entry: int
+    msg: AddPids | Settle
+
+
+@dataclass(frozen=True, slots=True)
+class FeedSynced(Notice):
+    """The cluster actor to its filter: the feed was read to its end; the Bloom filter and the
+    cache may answer alone for `valid_for` seconds more (then every redeem asks storage, until
+    the next)."""
+
+    valid_for: float
+
+
 # The largest height (or cursor) storage can hold: SQLite integers are 64-bit.
 MAX_HEIGHT = 2**63 - 1

@@ -1,4 +1,5 @@
-"""Run the real storage and filter actors (and the hub) in-process on a real SQLite file."""
+"""Run the real storage and filter actors (and the hub) in-process on a real SQLite file, or
+on a real PostgreSQL database (`pg=` a fresh database's URL: the same contract)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,18 @@ import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import apsw
 import trio
 
+from actors.cluster import Cluster, ClusterConfig
 from actors.filter import Filter, FilterConfig
 from actors.hub import Hub
 from actors.storage import Storage, StorageConfig
+from actors.storage_pg import PgConfig, PgStorage
 from anon_ticket import schema
 from anon_ticket.domain.ids import PaymentId
 from anon_ticket.domain.messages import RecordTransfers, Transfer
@@ -71,12 +75,15 @@ def faulty_disk() -> Iterator[FaultyDisk]:
 
 @dataclass
 class Core:
+    """`db_path` is the SQLite file (unused on PostgreSQL, where `pg` is the URL)."""
+
     storage: Mailbox[Any]
     filter: Mailbox[Any]
     metrics: Metrics
     supervisor: Supervisor
     db_path: Path
     hub: Mailbox[Any]
+    pg: str | None = None
 
     async def pay(self, pid: PaymentId, amount: int = 10**12, height: int = 100,
                   txid: bytes | None = None) -> Any:
@@ -87,24 +94,39 @@ class Core:
 @asynccontextmanager
 async def run_core(tmp_path: Path, *, on_open: Callable[[apsw.Connection], None] | None = None,
                    storage_factory: Callable[..., Storage] = Storage, batch_limit: int = 256,
-                   bloom_entries: int = 10_000, intensity: int = 5,
+                   bloom_entries: int = 10_000, intensity: int = 5, pg: str | None = None,
+                   node: str = "node-a", cluster: bool = False, secret: bytes = b"s" * 32,
                    ) -> AsyncIterator[Core]:
+    """With `pg`, PostgreSQL's storage actor (and, with `cluster`, the node's cluster actor
+    after the filter, as in the tree)."""
     db = tmp_path / "anon-ticket.db"
-    schema.migrate(db)
+    if pg is None:
+        schema.migrate(db)
+    else:
+        schema.migrate_postgres(pg)
     metrics = Metrics()
     smb: Mailbox[Any] = Mailbox("storage", 8192)
     fmb: Mailbox[Any] = Mailbox("filter", 65536)
-    scfg = StorageConfig(db, b"s" * 32, tmp_path / "token.secret", batch_limit=batch_limit)
-    fcfg = FilterConfig(db, bloom_entries, 1e-6, 60.0, 1000)
+    cmb: Mailbox[Any] = Mailbox("cluster", 65536)
+    scfg = StorageConfig(db, secret, tmp_path / "token.secret", batch_limit=batch_limit)
+    fcfg = FilterConfig(db, bloom_entries, 1e-6, 60.0, 1000, postgres_url=pg)
     hmb: Mailbox[Any] = Mailbox("hub", 65536)
-    sup = Supervisor("core", [
+    if pg is not None:
+        pg_cfg = PgConfig(pg, node)
+        storage_factory = partial(PgStorage, pg=pg_cfg,
+                                  cluster=cmb if cluster else None)
+    children = [
         ChildSpec("storage", lambda: storage_factory(scfg, smb, fmb, metrics, on_open=on_open),
                   smb),
         ChildSpec("filter", lambda: Filter(fcfg, fmb, metrics, smb, hub=hmb), fmb),
-        ChildSpec("hub", lambda: Hub(hmb, metrics), hmb),
-    ], strategy=Strategy.REST_FOR_ONE, intensity=intensity, period=30,
-        backoff=Backoff(0.05, 0.2), grace=1)
+    ]
+    if pg is not None and cluster:
+        ccfg = ClusterConfig(pg, node)
+        children.append(ChildSpec("cluster", lambda: Cluster(ccfg, cmb, fmb, metrics), cmb))
+    children.append(ChildSpec("hub", lambda: Hub(hmb, metrics), hmb))
+    sup = Supervisor("core", children, strategy=Strategy.REST_FOR_ONE, intensity=intensity,
+                     period=30, backoff=Backoff(0.05, 0.2), grace=1)
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
-        yield Core(smb, fmb, metrics, sup, db, hmb)
+        yield Core(smb, fmb, metrics, sup, db, hmb, pg)
         sup.request_stop("test over")
