@@ -104,6 +104,8 @@ class Cluster:
         self.applied = int(figures.get("feed_from") or 0)
         await self._db_call(self._register)
         log.info("cluster feed followed", node=self.config.node, start=self.applied)
+        while await self._round() >= BATCH:  # caught up (and trusted) before serving
+            pass
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._follow)
             nursery.start_soon(self._barrier)
@@ -141,27 +143,34 @@ class Cluster:
     async def _follow(self) -> None:
         delay = self.config.poll_interval
         while True:
-            began = trio.current_time()
             try:
-                rows = await self._db_call(self._read)
+                read = await self._round()
             except psycopg.Error as exc:
                 log.warning("cluster feed unreadable", error=pg_reason(exc))
                 delay = min(max(delay * 2, 0.1), RECONNECT_MAX_SECS)
                 await trio.sleep(delay)
                 continue
             delay = self.config.poll_interval
-            for entry, node, body in rows:
-                if node != self.config.node:
-                    await self._apply(entry, bytes(body))
-                self.applied = entry
-            if len(rows) < BATCH:  # read to the end: the filter may answer alone a while
-                valid_for = self.config.trust_secs - (trio.current_time() - began)
-                if valid_for > 0:
-                    try:
-                        self.filter.tell(FeedSynced(valid_for))
-                    except AnonTicketError:
-                        pass  # (a full mailbox: the filter distrusts itself a little sooner)
+            if read < BATCH:
                 await trio.sleep(self.config.poll_interval)
+
+    async def _round(self) -> int:
+        """Read and apply the next entries; how many were read. Raises psycopg.Error."""
+        began = trio.current_time()
+        rows = await self._db_call(self._read)
+        for entry, node, body in rows:
+            if node != self.config.node:
+                await self._apply(entry, bytes(body))
+            self.applied = entry
+        self.metrics.feed_applied.set(self.applied)
+        if len(rows) < BATCH:  # read to the end: the filter may answer alone a while
+            valid_for = self.config.trust_secs - (trio.current_time() - began)
+            if valid_for > 0:
+                try:
+                    self.filter.tell(FeedSynced(valid_for))
+                except AnonTicketError:
+                    pass  # (a full mailbox: the filter distrusts itself a little sooner)
+        return len(rows)
 
     def _read(self, db: psycopg.Connection[Any]) -> list[tuple[int, str, bytes]]:
         """The next entries, and (in the same round) how far this node got."""

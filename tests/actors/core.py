@@ -96,7 +96,7 @@ async def run_core(tmp_path: Path, *, on_open: Callable[[apsw.Connection], None]
                    storage_factory: Callable[..., Storage] = Storage, batch_limit: int = 256,
                    bloom_entries: int = 10_000, intensity: int = 5, pg: str | None = None,
                    node: str = "node-a", cluster: bool = False, secret: bytes = b"s" * 32,
-                   ) -> AsyncIterator[Core]:
+                   trust_secs: float = 2.0) -> AsyncIterator[Core]:
     """With `pg`, PostgreSQL's storage actor (and, with `cluster`, the node's cluster actor
     after the filter, as in the tree)."""
     db = tmp_path / "anon-ticket.db"
@@ -121,7 +121,7 @@ async def run_core(tmp_path: Path, *, on_open: Callable[[apsw.Connection], None]
         ChildSpec("filter", lambda: Filter(fcfg, fmb, metrics, smb, hub=hmb), fmb),
     ]
     if pg is not None and cluster:
-        ccfg = ClusterConfig(pg, node)
+        ccfg = ClusterConfig(pg, node, trust_secs=trust_secs)
         children.append(ChildSpec("cluster", lambda: Cluster(ccfg, cmb, fmb, metrics), cmb))
     children.append(ChildSpec("hub", lambda: Hub(hmb, metrics), hmb))
     sup = Supervisor("core", children, strategy=Strategy.REST_FOR_ONE, intensity=intensity,

@@ -1,0 +1,106 @@
+"""Exactly one poller across nodes, on a real PostgreSQL database: the node holding the
+advisory lock runs it, the others stand by and take over when its session goes
+(supervisors/leadership.py, docs/architecture.md §9)."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+import trio
+
+from anon_ticket.domain.commands import PausePoller, PollerStatus
+from anon_ticket.errors import InvalidInput
+from anon_ticket.metrics import Metrics
+from anon_ticket.schema import LOCK_POLLER, migrate_postgres
+from mailboxes import Mailbox
+from supervisors.leadership import Leadership
+
+
+class FakePoller:
+    """Counts how many nodes run a poller at once; serves the poller's mailbox as a
+    leader would."""
+
+    running: set[str] = set()  # noqa: RUF012 (shared across nodes on purpose)
+    most = 0
+
+    def __init__(self, node: str, mailbox: Mailbox[object]) -> None:
+        self.node = node
+        self.mailbox = mailbox
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        FakePoller.running.add(self.node)
+        FakePoller.most = max(FakePoller.most, len(FakePoller.running))
+        try:
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            FakePoller.running.discard(self.node)
+
+
+def node(dsn: str, name: str) -> tuple[Leadership, Mailbox[object]]:
+    mailbox: Mailbox[object] = Mailbox(f"poller-{name}", 16)
+    lead = Leadership(dsn, name, lambda: FakePoller(name, mailbox), mailbox,  # type: ignore[arg-type]
+                      Metrics(), retry_secs=0.1, check_secs=0.1)
+    return lead, mailbox
+
+
+async def _until(cond: object, timeout: float = 5) -> float:
+    started = trio.current_time()
+    with trio.fail_after(timeout):
+        while not cond():  # type: ignore[operator]
+            await trio.sleep(0.01)
+    return trio.current_time() - started
+
+
+async def _serve(lead: Leadership, mailbox: Mailbox[object], scope: trio.CancelScope) -> None:
+    with scope:
+        mailbox.serving = True
+        await lead.run()
+
+
+async def test_one_node_leads_and_another_takes_over_when_its_session_goes(
+        pg_dsn: str) -> None:
+    migrate_postgres(pg_dsn)
+    FakePoller.running.clear()
+    FakePoller.most = 0
+    a, amb = node(pg_dsn, "a")
+    b, bmb = node(pg_dsn, "b")
+    scope_a, scope_b = trio.CancelScope(), trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_serve, a, amb, scope_a)
+        await _until(lambda: a.leading)
+        nursery.start_soon(_serve, b, bmb, scope_b)
+        await trio.sleep(0.5)  # b tried several times: the lock is a's
+        assert FakePoller.running == {"a"} and not b.leading
+        status = await bmb.ask(PollerStatus(), 5)
+        assert status["state"] == "standby"
+        with pytest.raises(InvalidInput, match="stands by"):
+            await bmb.ask(PausePoller(), 5)
+        # a's node dies (its connections close with it): b takes over within its retry.
+        scope_a.cancel()
+        took = await _until(lambda: b.leading)
+        assert took < 1.0
+        assert FakePoller.running == {"b"}
+        assert FakePoller.most == 1
+        scope_b.cancel()
+
+
+async def test_a_leader_whose_session_breaks_stops_its_poller_at_once(pg_dsn: str) -> None:
+    migrate_postgres(pg_dsn)
+    FakePoller.running.clear()
+    FakePoller.most = 0
+    a, amb = node(pg_dsn, "a")
+    async with trio.open_nursery() as nursery:
+        scope = trio.CancelScope()
+        nursery.start_soon(_serve, a, amb, scope)
+        await _until(lambda: a.leading)
+        # The database ends the lock's session (a restart, a network cut look the same).
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE "
+                          "locktype = 'advisory' AND objid = %s", (LOCK_POLLER & 0xFFFFFFFF,))
+        await _until(lambda: "a" not in FakePoller.running, timeout=2)
+        # ...and, the lock being free, the node leads again with a new session.
+        await _until(lambda: a.leading and "a" in FakePoller.running)
+        assert FakePoller.most == 1
+        scope.cancel()
