@@ -39,6 +39,7 @@ from anon_ticket.domain.ids import PaymentId, ServiceToken
 from anon_ticket.domain.inboxes import FanoutMsg, FilterMsg, HubMsg, StorageMsg
 from anon_ticket.domain.messages import (
     AddPids,
+    Announce,
     CacheClaim,
     Claim,
     Claimed,
@@ -47,6 +48,7 @@ from anon_ticket.domain.messages import (
     FeedSynced,
     Invalidate,
     Lookup,
+    Note,
     Presence,
     Publish,
     Redeem,
@@ -257,19 +259,28 @@ class Filter:
         """One storage transaction's effects, in order: cache fills and invalidations here,
         the events on to the hub in one message."""
         events: list[TicketEvent] = []
+        announced = False
         for effect in env.msg.effects:
             if isinstance(effect, CacheClaim):
                 self._cache_claim(effect)
             elif isinstance(effect, Invalidate):
                 for pid in effect.pids:
                     self._cache.pop(pid.raw, None)
+            elif isinstance(effect, Announce):
+                announced = True
+                for note in effect.notes:
+                    self._note_to_hub(note)
             else:
                 events.extend(effect.events)
         if events:
             self._to_hub(tuple(events))
         if self.replicas is not None:
+            committed = env.msg
+            if announced:  # (the hub pushes its announcements to the workers itself)
+                committed = Committed(tuple(e for e in committed.effects
+                                            if not isinstance(e, Announce)))
             try:
-                self.replicas.tell(env.msg)
+                self.replicas.tell(committed)
             except AnonTicketError:
                 self.metrics.alerts.labels("fanout_mailbox_full").inc()
 
@@ -281,6 +292,14 @@ class Filter:
             self.hub.tell(Publish(events))
         except AnonTicketError:
             self.metrics.alerts.labels("hub_mailbox_full").inc()
+
+    def _note_to_hub(self, note: Note) -> None:
+        if self.hub is None:
+            return
+        try:
+            self.hub.tell(note)
+        except AnonTicketError:
+            pass  # announcements are best effort; committed facts come from storage
 
     def _cache_claim(self, msg: CacheClaim) -> None:
         if self.config.cache_ttl <= 0 or self.config.cache_capacity <= 0:

@@ -135,7 +135,7 @@ class Poller:
 
     def __init__(self, config: PollerConfig, wallet: Callable[[], WalletRpc],
                  mailbox: Mailbox[PollerMsg], storage: Mailbox[StorageMsg], metrics: Metrics,
-                 events: Mailbox[HubMsg] | None = None) -> None:
+                 events: Mailbox[HubMsg] | Mailbox[StorageMsg] | None = None) -> None:
         self.config = config
         self.wallet = wallet()
         self.mailbox = mailbox

@@ -37,7 +37,17 @@ import trio
 from actors.storage import Handled, Outcome, Storage, StorageConfig, _Forward, _Undo
 from anon_ticket.domain.commands import Backup, Figures
 from anon_ticket.domain.inboxes import ClusterMsg, FilterMsg, StorageMsg
-from anon_ticket.domain.messages import AddPids, AfterFeed, CacheClaim, Settle
+from anon_ticket.domain.messages import (
+    AddPids,
+    AfterFeed,
+    Announce,
+    CacheClaim,
+    Confirmations,
+    Note,
+    PaymentSeen,
+    Settle,
+    SightingGone,
+)
 from anon_ticket.domain.timefmt import rfc3339
 from anon_ticket.errors import (
     AnonTicketError,
@@ -102,7 +112,12 @@ class PgStorage(Storage):
         self._sql: dict[str, str] = {}
         self._reconnect_at = -math.inf
         self._reconnect_delay = RECONNECT_INITIAL_SECS
-        self._connected = trio.Event()
+        # The poller's announcements (the tree sends them here, not to the hub): into the
+        # feed in the order they come, ahead of the crediting that follows them.
+        for note in (PaymentSeen, Confirmations, SightingGone):
+            self._handlers[note] = self._note
+            self._kinds[note] = "announce"
+            self._counters[note] = metrics.storage_requests.labels("announce")
 
     # --- the connection ---------------------------------------------------------------------
 
@@ -194,6 +209,9 @@ class PgStorage(Storage):
         assert cur is not None
         cur.execute(self._pg(sql), args)
         return cur.fetchall()
+
+    def _note(self, msg: Note) -> Handled:
+        return None, (Announce((msg,)),)
 
     # --- transactions -----------------------------------------------------------------------
 

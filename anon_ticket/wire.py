@@ -32,6 +32,7 @@ import msgspec
 from anon_ticket.domain.commands import Figures, PollerStatus, StorageHealth
 from anon_ticket.domain.ids import PaymentId, ServiceToken
 from anon_ticket.domain.messages import (
+    Announce,
     CacheClaim,
     Claim,
     Claimed,
@@ -217,6 +218,8 @@ def encode_push(msg: object) -> tuple[str, Any]:
                 effects.append(["cache", e.pid.raw, e.token.raw, e.balance])
             elif isinstance(e, Invalidate):
                 effects.append(["invalidate", [p.raw for p in e.pids]])
+            elif isinstance(e, Announce):
+                effects.append(["notes", [list(encode_push(n)) for n in e.notes]])
             else:
                 effects.append(["publish", encode_events(e.events)])
         return "committed", effects
@@ -239,6 +242,8 @@ def decode_committed(value: list[Any]) -> Committed:
             effects.append(CacheClaim(PaymentId(e[1]), ServiceToken(e[2]), e[3]))
         elif e[0] == "invalidate":
             effects.append(Invalidate(tuple(PaymentId(p) for p in e[1])))
+        elif e[0] == "notes":
+            effects.append(Announce(tuple(decode_note(what, value) for what, value in e[1])))
         else:
             effects.append(Publish(decode_events(e[1])))
     return Committed(tuple(effects))

@@ -324,7 +324,9 @@ def build_tree(settings: Settings, secret: bytes, *,
                 poller_cfg,
                 lambda: WalletRpc(JsonRpc(url, login=rpc_login,
                                           timeout_cap=settings.rpc_timeout_secs)),
-                mb.poller, mb.storage, metrics, events=events or mb.hub)
+                mb.poller, mb.storage, metrics,
+                # (PostgreSQL: through storage, into the cluster feed for every node's hub)
+                events=events or (mb.storage if pg_url is not None else mb.hub))
 
         if pg_url is None:
             metrics.poller_leader.set(1)  # one node: it always leads

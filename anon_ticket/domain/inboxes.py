@@ -52,7 +52,9 @@ from anon_ticket.domain.watch import Drop, Replay, Subscribe, Unsubscribe
 
 StorageMsg = (Claim | LookupToken | Revoke | RecordTransfers | ReadCursor | RecentTransfers
               | MarkVanished | ReadTicketState | ListSkipped | StorageStats | StorageHealth
-              | Backup)
+              | Backup
+              # PostgreSQL: the poller's announcements, into the cluster feed in order (§9)
+              | PaymentSeen | Confirmations | SightingGone)
 FilterMsg = (Redeem | Lookup | AddPids | Committed | Replicated | Settle | FeedSynced
              | FilterStats)
 ClusterMsg = AfterFeed  # a node's cluster actor (PostgreSQL, several nodes: §9)

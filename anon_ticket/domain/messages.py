@@ -285,9 +285,18 @@ class Settle(Request[object]):
     answer: object
 
 
+@dataclass(frozen=True, slots=True)
+class Announce:
+    """A poller's announcement (a payment seen, its confirmations) passed through storage in
+    its order (several nodes on PostgreSQL: so the cluster feed carries it to every node's
+    hub ahead of the transfer's crediting, docs/architecture.md §9)."""
+
+    notes: tuple[Note, ...]
+
+
 # One change of a storage transaction that the filter must hear of: a cache fill, an
-# invalidation, or events for the hub.
-Effect = CacheClaim | Invalidate | Publish
+# invalidation, events for the hub, or (PostgreSQL) announcements for the hub.
+Effect = CacheClaim | Invalidate | Publish | Announce
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,6 +353,10 @@ class WorkerQueue(Protocol):
     def put(self, item: list[Any]) -> bool: ...
 
     def mark_slow(self) -> None: ...
+
+
+# What the poller announces about a payment not yet deep enough (not a committed fact).
+Note = PaymentSeen | Confirmations | SightingGone
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,8 +16,10 @@ from anon_ticket.domain.messages import (
     Claim,
     Claimed,
     ClaimStatus,
+    Confirmations,
     FeedSynced,
     Lookup,
+    PaymentSeen,
     Presence,
     Revoke,
 )
@@ -181,3 +183,38 @@ async def test_only_shared_writes_enter_the_feed(tmp_path: Path, pg_dsn: str) ->
         assert await _feed_length(pg_dsn) == 2
         await a.pay(pid, txid=os.urandom(32))
         assert await _feed_length(pg_dsn) == 3  # a top-up: invalidation and event
+
+
+async def test_the_pollers_announcements_reach_every_nodes_hub_ahead_of_the_credit(
+        tmp_path: Path, pg_dsn: str) -> None:
+    async with run_core(tmp_path / "a", pg=pg_dsn, node="a", cluster=True) as a, \
+            run_core(tmp_path / "b", pg=pg_dsn, node="b", cluster=True) as b:
+        pid = PaymentId.generate()
+        seen: list[str] = []
+        confirmed = trio.Event()
+
+        class Watcher:
+            def __init__(self) -> None:
+                self.keys: set[bytes] = set()
+                self.slow = False
+
+            def put(self, item: object) -> bool:
+                if isinstance(item, WatchEvent):
+                    kind = json.loads(item.text)["type"]
+                    seen.append(kind)
+                    if kind == "payment_confirmed":
+                        confirmed.set()
+                return True
+
+            def mark_slow(self) -> None:
+                raise AssertionError("never slow here")
+
+        await b.hub.ask(Subscribe(Watcher(), pid.raw), 5)
+        txid = os.urandom(32)
+        # The leading node's poller hands its announcements to its storage (the tree does)
+        a.storage.tell(PaymentSeen(pid, txid.hex(), 10**12, None, 0, 2))
+        a.storage.tell(Confirmations(pid, txid.hex(), 1, 2))
+        await a.pay(pid, 10**12, txid=txid)
+        with trio.fail_after(5):
+            await confirmed.wait()
+        assert seen == ["payment_seen", "confirmations", "payment_confirmed"]
