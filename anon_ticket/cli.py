@@ -98,9 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("path", help="a tar file written by db backup")
     ck = db.add_parser("check", help="check the invariants of the database")
     ck.add_argument("--json", action="store_true", help=JSON_HELP)
-    imp = db.add_parser("import-legacy", help="import the original anon-ticket's database")
+    imp = db.add_parser("import-legacy", help="import the original anon-ticket's database "
+                        "(into PostgreSQL: an empty database, through db copy)")
     imp.add_argument("path", help="the original's SQLite database file")
     imp.add_argument("--rescan-from", type=int, help="make the poller rescan from this height")
+    cp = db.add_parser("copy", help="copy the SQLite database into an empty PostgreSQL "
+                       "database, verified (works while a server runs)")
+    cp.add_argument("--to", required=True, metavar="URL",
+                    help="postgres://user@host/database, an empty database (the password may "
+                    "come from PGPASSWORD or ~/.pgpass rather than the command line)")
+    cp.add_argument("--json", action="store_true", help=JSON_HELP)
     return p
 
 
@@ -258,11 +265,28 @@ def _ctl(settings: Settings, args: argparse.Namespace) -> int:
 # --- db -------------------------------------------------------------------------------------
 
 
+# With PostgreSQL configured, the SQLite-only commands would act on a file no server uses.
+_SQLITE_ONLY = {
+    "backup": "db backup copies an SQLite database, and the configured database is "
+              "PostgreSQL: back it up with pg_dump (e.g. pg_dump --format=custom "
+              "--file=PATH DATABASE), and keep the data directory's token.secret with it",
+    "restore": "db restore replaces an SQLite database, and the configured database is "
+               "PostgreSQL: restore a pg_dump with pg_restore (with no node running on it)",
+    "check": "db check reads an SQLite database, and the configured database is PostgreSQL; "
+             "it cannot check that one",
+}
+
+
 def _db(settings: Settings, args: argparse.Namespace) -> int:
     from anon_ticket import audit, backup
 
     datadir = DataDir(settings.data_dir)
     db_path = settings.database_path
+    if settings.postgres_url is not None and args.db_cmd in _SQLITE_ONLY:
+        print(f"anon-ticket: {_SQLITE_ONLY[args.db_cmd]}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.db_cmd == "copy":
+        return _db_copy(settings, args)
     if args.db_cmd == "backup":
         result = backup.write_backup(db_path, datadir.secret_path, Path(args.path))
         print(f"backup written: {result.path} ({result.bytes} bytes, {result.seconds:.2f} s)")
@@ -297,6 +321,8 @@ def _db(settings: Settings, args: argparse.Namespace) -> int:
         if args.db_cmd == "import-legacy":
             from anon_ticket.legacy import import_legacy
 
+            if settings.postgres_url is not None:
+                return _import_legacy_postgres(settings.postgres_url, datadir, args)
             report = import_legacy(Path(args.path), db_path, rescan_from=args.rescan_from)
             for line in report.lines():
                 print(line)
@@ -307,6 +333,59 @@ def _db(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         lock.release()
     return EXIT_USAGE
+
+
+def _db_copy(settings: Settings, args: argparse.Namespace) -> int:
+    from anon_ticket.config import is_postgres_url, parse_postgres_url
+    from anon_ticket.dbcopy import copy_to_postgres
+
+    if settings.postgres_url is not None:
+        print("anon-ticket: db copy copies the configured SQLite database into PostgreSQL, "
+              "and the configured database is already PostgreSQL (DATABASE_URL); between "
+              "two PostgreSQL databases use pg_dump and pg_restore", file=sys.stderr)
+        return EXIT_USAGE
+    if not is_postgres_url(args.to):
+        print("anon-ticket: --to must be a postgres:// or postgresql:// URL, like "
+              "postgres://user@host/database", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        url = parse_postgres_url(args.to)
+    except ValueError as exc:
+        print(f"anon-ticket: --to: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    db_path = settings.database_path
+    if not db_path.is_file():
+        print(f"anon-ticket: {db_path}: no such database file (db copy copies the configured "
+              "SQLite database: check --data-dir or DATABASE_URL)", file=sys.stderr)
+        return EXIT_USAGE
+    report = copy_to_postgres(db_path, url)
+    _print(report.summary(short=not args.json), args.json)
+    if not args.json:
+        print(f"copied and verified; to serve from it, set DATABASE_URL={report.target} and "
+              f"give every node this data directory's token.secret")
+    return EXIT_OK
+
+
+def _import_legacy_postgres(url: str, datadir: DataDir, args: argparse.Namespace) -> int:
+    """Into PostgreSQL: import into a new SQLite file in the data directory (the import as it
+    is for SQLite), then `db copy` that into the (empty) database, verified."""
+    import tempfile
+
+    from anon_ticket.dbcopy import check_target, copy_to_postgres
+    from anon_ticket.legacy import import_legacy
+
+    check_target(url)
+    with tempfile.TemporaryDirectory(prefix=".import-legacy-", dir=datadir.path) as tmp:
+        staged = Path(tmp) / "anon-ticket.db"
+        report = import_legacy(Path(args.path), staged, rescan_from=args.rescan_from)
+        copied = copy_to_postgres(staged, url)
+    for line in report.lines():
+        print(line)
+    print()
+    summary = copied.summary(short=True)
+    summary["source"] = str(Path(args.path).resolve())  # (the staging file is gone)
+    _print(summary, False)
+    return EXIT_OK
 
 
 if __name__ == "__main__":
