@@ -39,11 +39,13 @@ import trio
 from anon_ticket.domain.commands import FilterStats
 from anon_ticket.domain.inboxes import ClusterMsg, FilterMsg
 from anon_ticket.domain.messages import (
+    NOTHING_RECORDED,
     AddPids,
     AfterFeed,
+    Committed,
     FeedSynced,
     Invalidate,
-    Recorded,
+    Publish,
     Settle,
 )
 from anon_ticket.errors import AnonTicketError
@@ -55,8 +57,6 @@ from mailboxes import Dispatch, Envelope, Mailbox
 
 log = get_logger("cluster")
 
-# A remote node's new ids carry no poller to answer: this stands in for its `Recorded`.
-NOTHING_RECORDED = Recorded(0, (), (), None)
 BATCH = 500  # feed entries read at a time
 RECONNECT_MAX_SECS = 5.0
 
@@ -151,8 +151,10 @@ class Cluster:
                 await trio.sleep(delay)
                 continue
             delay = self.config.poll_interval
-            if read < BATCH:
+            if read == 0:
                 await trio.sleep(self.config.poll_interval)
+            # (after entries, the next round at once: it records how far this node got,
+            # which answers waiting on other nodes wait for)
 
     async def _round(self) -> int:
         """Read and apply the next entries; how many were read. Raises psycopg.Error."""
@@ -239,12 +241,27 @@ class Cluster:
                         self.metrics.alerts.labels("cluster_node_behind").inc()
                         log.warning("a node did not apply a feed entry in time; it answers "
                                     "through storage until it reads the feed", entry=w.entry)
-                    self.filter.forward(w.msg, w.env)
+                    self._release(w)
                 else:
                     still.append(w)
             self._waiting = still
             if still:
                 await trio.sleep(self.config.poll_interval / 2)
+
+    def _release(self, w: _Waiting) -> None:
+        """New ids: they are in this node's filters since before their COMMIT (storage put
+        them there): the poller's answer, then their events, through the filter to the hub
+        and the workers. A settle: to the filter, which answers once the workers have it."""
+        msg = w.msg
+        if isinstance(msg, AddPids):
+            w.env.reply(msg.ack)
+            if msg.events:
+                try:
+                    self.filter.tell(Committed((Publish(msg.events),)))
+                except AnonTicketError:
+                    self.metrics.alerts.labels("filter_mailbox_full").inc()
+        else:
+            self.filter.forward(msg, w.env)
 
     def _behind(self, db: psycopg.Connection[Any], *, highest: int) -> list[int]:
         """What the other live nodes applied, for those not yet at `highest`."""

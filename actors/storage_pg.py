@@ -14,7 +14,7 @@ What differs:
   statement alone. So a batch runs without savepoints and, should a statement fail, is rolled
   back and run again with a savepoint around each request (rare: a value PostgreSQL cannot
   hold, a constraint another node's race tripped). A deadlock or serialization failure
-  between nodes reruns the transaction as it was.
+  between nodes reruns the transaction as it was, after a short pause.
 - Each write transaction other nodes must hear of appends one entry to `cluster_events`
   (holding a transaction-level advisory lock until its COMMIT, so entries are numbered in
   commit order); its new ids and settles are answered through this node's cluster actor,
@@ -27,6 +27,7 @@ What differs:
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ from actors.storage import Handled, Outcome, Storage, StorageConfig, _Forward, _
 from anon_ticket.domain.commands import Backup, Figures
 from anon_ticket.domain.inboxes import ClusterMsg, FilterMsg, StorageMsg
 from anon_ticket.domain.messages import (
+    NOTHING_RECORDED,
     AddPids,
     AfterFeed,
     Announce,
@@ -74,6 +76,19 @@ RECONNECT_MAX_SECS = 5.0
 # A transaction that a deadlock or a serialization failure (another node) rolled back is run
 # again up to this many times.
 TRANSIENT_RETRIES = 3
+# New ids reach this node's filters (and its workers') within this, or the transaction is
+# rolled back and the poller records them again later.
+LOCAL_ADD_TIMEOUT_SECS = 5.0
+# ...after a pause of about this long (doubling each time, with jitter): the other side holds
+# its locks until it commits, and a transaction run again at once takes its rows in its own
+# order again, straight into the next deadlock (two batches of the same 200 claims in other
+# orders deadlocked on every rerun until the retries ran out: 503 for all of them).
+RERUN_PAUSE_SECS = 0.02
+# Those failures (SQLSTATE class 40). psycopg maps each SQLSTATE to a class of its own under
+# OperationalError: DeadlockDetected (40P01) and SerializationFailure (40001) are not
+# subclasses of TransactionRollback (40000), so all three are named.
+TRANSIENT = (psycopg.errors.TransactionRollback, psycopg.errors.SerializationFailure,
+             psycopg.errors.DeadlockDetected)
 BACKUP_REFUSED = ("the database is PostgreSQL: back it up with pg_dump (or the server's own "
                   "backups); `ctl backup` copies an SQLite file")
 
@@ -232,14 +247,16 @@ class PgStorage(Storage):
             return Outcome.failed(group, Unavailable("the database is not reachable; retry",
                                                      retry_after=1))
         careful = False
-        for _attempt in range(TRANSIENT_RETRIES + 1):
+        for attempt in range(TRANSIENT_RETRIES + 1):
             try:
                 return self._attempt(conn, group, careful)
             except _Careful:
                 careful = True
-            except psycopg.errors.TransactionRollback as exc:  # deadlock, serialization
+            except TRANSIENT as exc:  # a deadlock, a serialization failure
                 log.warning("transaction rolled back by the database; again",
                             size=len(group), error=type(exc).__name__)
+                if attempt < TRANSIENT_RETRIES:
+                    time.sleep(random.uniform(0.5, 1.5) * RERUN_PAUSE_SECS * 2**attempt)
             except psycopg.Error as exc:
                 self._transaction_lost(len(group), exc)
                 if lost(conn):
@@ -265,6 +282,7 @@ class PgStorage(Storage):
                         raise _Undo(answer)  # alone in this transaction: roll back its part
                     answers.append((env, answer))
                     effects.extend(more)
+                self._filters_first(answers)
                 feed = self._append_feed(answers, effects)
         except _Undo as undo:
             return Outcome(group, [], [], undo=undo.answer)
@@ -282,8 +300,8 @@ class PgStorage(Storage):
                 return handler(msg)
         except AnonTicketError as exc:
             return Failure(exc), ()
-        except psycopg.errors.TransactionRollback:
-            raise
+        except TRANSIENT:
+            raise  # the whole transaction is run again
         except (psycopg.OperationalError, psycopg.InterfaceError):
             if lost(conn):
                 raise  # the connection is gone: the whole transaction is
@@ -304,6 +322,24 @@ class PgStorage(Storage):
             if not careful:
                 raise _Careful() from None
             return self._unstorable(kind, exc), ()
+
+    def _filters_first(self, answers: list[tuple[Envelope[StorageMsg], object]]) -> None:
+        """New ids into this node's Bloom filters (its workers' too) before the COMMIT: once
+        committed, the feed may bring them to another node's watchers within milliseconds,
+        and a client told there may redeem here at once. An id in the filter before its
+        row is committed only costs a lookup that finds nothing. Their acknowledgement and
+        events still wait for every node (the cluster actor)."""
+        pids = tuple(p for _, answer in answers
+                     if isinstance(answer, _Forward) and isinstance(answer.msg, AddPids)
+                     for p in answer.msg.pids)
+        if not pids:
+            return
+        try:
+            trio.from_thread.run(self.filter.ask, AddPids(pids, NOTHING_RECORDED, ()),
+                                 LOCAL_ADD_TIMEOUT_SECS)
+        except AnonTicketError as exc:  # the filter is restarting: the poller tries again
+            raise _Undo(Failure(Unavailable(f"filter not ready: {exc}", retry_after=1))) \
+                from None
 
     def _append_feed(self, answers: list[tuple[Envelope[StorageMsg], object]],
                      effects: list[Any]) -> int | None:

@@ -234,6 +234,10 @@ class Redeem(Request[Claimed | Presence]):
     pid: PaymentId
 
 
+# The `ack` of new ids no poller waits for (another node's, a node's own before its COMMIT).
+NOTHING_RECORDED = Recorded(0, (), (), None)
+
+
 @dataclass(frozen=True, slots=True)
 class AddPids(Request[Recorded]):
     """Storage to the filter, after the COMMIT of transfers that recorded new payment ids.
