@@ -3,7 +3,8 @@
 The fixtures are registered once for the whole suite, in tests/conftest.py (as `regtest_chain`
 is, and for the same reason test modules must NOT import them):
 
-- `pg_server` (session): one started `PgServer`, shared by the session;
+- `pg_server` (session): one started `PgServer`, shared by the session (`shared_server()`,
+  which the harness's in-process servers use too when the run asks for PostgreSQL);
 - `pg_dsn` (function): the DSN of a fresh database on it, dropped after the test.
 
 Tests isolate by database, not by server: a server takes under a second to start, a database
@@ -413,13 +414,37 @@ def require_bindir() -> Path:
     return bindir
 
 
+_shared: PgServer | None = None
+
+
+def shared_server() -> PgServer:
+    """The process's one PostgreSQL server, started on first use: the `pg_server` fixture's,
+    and the in-process servers' of the harness (tests/harness.py) when the run puts them on
+    PostgreSQL. It is closed with the session (the fixture's teardown), or else at exit
+    (atexit, as every `PgServer`); a session killed before either leaves it to the next
+    `start()` to reap. Without the binaries this raises `PgServerError`."""
+    global _shared
+    if _shared is None or _shared._dir is None:
+        _shared = PgServer().start()
+    return _shared
+
+
+def close_shared() -> None:
+    """Stop the shared server and delete it (if it was started); a later `shared_server()`
+    starts a new one."""
+    global _shared
+    server, _shared = _shared, None
+    if server is not None:
+        server.close()
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer]:
-    server = PgServer(bindir=require_bindir()).start()
+    require_bindir()
     try:
-        yield server
+        yield shared_server()
     finally:
-        server.close()
+        close_shared()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import trio
 from anon_ticket.domain.ids import PaymentId
 from anon_ticket.domain.tokens import derive_hmac
 from tests.actors.core import faulty_disk
-from tests.harness import running_server
+from tests.harness import running_server, sqlite_only
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -151,6 +151,8 @@ async def test_info_and_health(tmp_path: Path) -> None:
         assert health.json()["storage"] == {"writable": True, "error": None}
 
 
+@sqlite_only("the full disk is injected through SQLite's VFS (PostgreSQL's lost database: "
+             "tests/actors/test_storage_pg.py)")
 async def test_healthz_is_503_naming_storage_while_no_write_commits(tmp_path: Path) -> None:
     # A full disk: every claim answered 503, yet /healthz said 200 "degraded" (blaming the
     # wallet). It must say storage cannot write, and why; and recover by itself once the
