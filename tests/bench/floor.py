@@ -27,12 +27,12 @@ import apsw
 CLAIM_READ = (
     "SELECT amount, token, (SELECT txid FROM transfers WHERE transfers.pid = tickets.pid "
     "AND vanished_at IS NULL ORDER BY height, txid LIMIT 1) FROM tickets WHERE pid = ?")
-CLAIM_WRITE = ("UPDATE tickets SET token = ?, claimed_at = ?, seq = seq + 1 WHERE pid = ? "
-               "RETURNING seq")
+CLAIM_WRITE = ("UPDATE tickets SET token = ?, claimed_at = ?, seq = seq + 1 "
+               "WHERE pid = ? AND token IS NULL RETURNING seq")
 TRANSFER_READ = "SELECT height, vanished_at FROM transfers WHERE txid = ? AND pid = ?"
 CREDIT = ("INSERT INTO tickets (pid, amount, created_at, seq) VALUES (?, ?, ?, 1) "
-          "ON CONFLICT (pid) DO UPDATE SET amount = amount + excluded.amount, seq = seq + 1 "
-          "RETURNING amount, token, revoked_at, seq")
+          "ON CONFLICT (pid) DO UPDATE SET amount = tickets.amount + excluded.amount, "
+          "seq = tickets.seq + 1 RETURNING amount, token, revoked_at, seq")
 TRANSFER_INSERT = ("INSERT INTO transfers (txid, pid, amount, height, recorded_at) "
                    "VALUES (?, ?, ?, ?, ?)")
 CURSOR_WRITE = ("INSERT INTO state (key, value) VALUES ('cursor', ?) "
