@@ -79,6 +79,8 @@ TRANSIENT_RETRIES = 3
 # New ids reach this node's filters (and its workers') within this, or the transaction is
 # rolled back and the poller records them again later.
 LOCAL_ADD_TIMEOUT_SECS = 5.0
+# An idle session is checked this often (a restarted database is noticed within it).
+IDLE_PING_SECS = 1.0
 # ...after a pause of about this long (doubling each time, with jitter): the other side holds
 # its locks until it commits, and a transaction run again at once takes its rows in its own
 # order again, straight into the next deadlock (two batches of the same 200 claims in other
@@ -127,6 +129,8 @@ class PgStorage(Storage):
         self._sql: dict[str, str] = {}
         self._reconnect_at = -math.inf
         self._reconnect_delay = RECONNECT_INITIAL_SECS
+        self._used_at = -math.inf  # the last transaction or ping (monotonic)
+        self._committing = False  # the current transaction's COMMIT is on its way
         # The poller's announcements (the tree sends them here, not to the hub): into the
         # feed in the order they come, ahead of the crediting that follows them.
         for note in (PaymentSeen, Confirmations, SightingGone):
@@ -200,6 +204,23 @@ class PgStorage(Storage):
             await trio.sleep(RECONNECT_INITIAL_SECS)
             if lost(self._db):
                 await self._in_thread(self._ensure_connection)
+            elif time.monotonic() - self._used_at >= IDLE_PING_SECS:
+                await self._in_thread(self._ping)
+
+    def _ping(self) -> None:
+        """An idle session is checked now and then: a database that restarted meanwhile is
+        found here (health says so, the reconnect starts) rather than by the next claim."""
+        conn = self._db
+        if lost(conn):
+            return
+        assert conn is not None
+        self._used_at = time.monotonic()
+        try:
+            conn.execute("SELECT 1").fetchone()
+        except psycopg.Error as exc:
+            if lost(conn):
+                self._write_failed(exc)
+                self._drop(exc)
 
     # --- statements -------------------------------------------------------------------------
 
@@ -246,8 +267,11 @@ class PgStorage(Storage):
         if conn is None:
             return Outcome.failed(group, Unavailable("the database is not reachable; retry",
                                                      retry_after=1))
+        self._used_at = time.monotonic()
         careful = False
+        reconnected = False
         for attempt in range(TRANSIENT_RETRIES + 1):
+            self._committing = False
             try:
                 return self._attempt(conn, group, careful)
             except _Careful:
@@ -258,6 +282,17 @@ class PgStorage(Storage):
                 if attempt < TRANSIENT_RETRIES:
                     time.sleep(random.uniform(0.5, 1.5) * RERUN_PAUSE_SECS * 2**attempt)
             except psycopg.Error as exc:
+                if lost(conn) and not self._committing and not reconnected:
+                    # The session broke before its COMMIT was sent (the database restarted
+                    # while this node was idle, say): nothing of it can have committed, so
+                    # once reconnected the transaction runs again. (Broken during the COMMIT,
+                    # its outcome is unknown: its requesters get a 503 and retry.)
+                    self._drop(exc)
+                    self._reconnect_at = -math.inf
+                    fresh = self._ensure_connection()
+                    if fresh is not None:
+                        conn, reconnected = fresh, True
+                        continue
                 self._transaction_lost(len(group), exc)
                 if lost(conn):
                     self._drop(exc)
@@ -284,6 +319,7 @@ class PgStorage(Storage):
                     effects.extend(more)
                 self._filters_first(answers)
                 feed = self._append_feed(answers, effects)
+                self._committing = True  # leaving the block sends the COMMIT
         except _Undo as undo:
             return Outcome(group, [], [], undo=undo.answer)
         if self._write_error is not None:

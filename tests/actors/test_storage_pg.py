@@ -378,3 +378,24 @@ async def test_a_deadlock_between_two_nodes_runs_the_losing_transaction_again(
         assert reruns == ["DeadlockDetected"]
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
+
+
+async def test_a_database_restarted_while_storage_is_idle_costs_no_request_a_503(
+        tmp_path: Path, pg_server: PgServer, pg_dsn: str) -> None:
+    # Nothing was in flight: the next claim must not be the one that finds the dead session.
+    async with run_core(tmp_path, pg=pg_dsn) as core:
+        pid = PaymentId.generate()
+        await core.pay(pid)
+        await trio.to_thread.run_sync(pg_server.restart)
+        claimed = await core.storage.ask(Claim(pid), 5)  # at once: the batch runs again
+        assert claimed.status is ClaimStatus.SUCCESS
+        assert (await core.storage.ask(StorageHealth(), 5))["writable"] is True
+        # ...and idle long enough, the session is checked without any request.
+        await trio.to_thread.run_sync(pg_server.restart)
+        with trio.fail_after(5):
+            while (await core.storage.ask(StorageHealth(), 5))["error"] is None:
+                await trio.sleep(0.05)  # noticed (and reconnecting)...
+        with trio.fail_after(10):
+            while not (await core.storage.ask(StorageHealth(), 5))["writable"]:
+                await trio.sleep(0.05)  # ...and back
+        assert core.supervisor.status()[0].restarts == 0
