@@ -117,10 +117,10 @@ class Leadership:
 
     async def _lead(self, conn: psycopg.Connection[Any]) -> None:
         log.info("poller leadership taken", node=self.node)
-        self.leading = True
-        self.metrics.poller_leader.set(1)
         async with trio.open_nursery() as nursery:
             await nursery.start(self.make_poller().run)
+            self.leading = True  # (once its poller runs)
+            self.metrics.poller_leader.set(1)
             await self._hold(conn)
             nursery.cancel_scope.cancel()
 

@@ -21,6 +21,8 @@ class FakePoller:
     leader would."""
 
     running: set[str] = set()  # noqa: RUF012 (shared across nodes on purpose)
+    starts: dict[str, int] = {}  # noqa: RUF012
+    stops: dict[str, int] = {}  # noqa: RUF012
     most = 0
 
     def __init__(self, node: str, mailbox: Mailbox[object]) -> None:
@@ -30,12 +32,14 @@ class FakePoller:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         FakePoller.running.add(self.node)
+        FakePoller.starts[self.node] = FakePoller.starts.get(self.node, 0) + 1
         FakePoller.most = max(FakePoller.most, len(FakePoller.running))
         try:
             task_status.started()
             await trio.sleep_forever()
         finally:
             FakePoller.running.discard(self.node)
+            FakePoller.stops[self.node] = FakePoller.stops.get(self.node, 0) + 1
 
 
 def node(dsn: str, name: str) -> tuple[Leadership, Mailbox[object]]:
@@ -63,6 +67,8 @@ async def test_one_node_leads_and_another_takes_over_when_its_session_goes(
         pg_dsn: str) -> None:
     migrate_postgres(pg_dsn)
     FakePoller.running.clear()
+    FakePoller.starts.clear()
+    FakePoller.stops.clear()
     FakePoller.most = 0
     a, amb = node(pg_dsn, "a")
     b, bmb = node(pg_dsn, "b")
@@ -89,6 +95,8 @@ async def test_one_node_leads_and_another_takes_over_when_its_session_goes(
 async def test_a_leader_whose_session_breaks_stops_its_poller_at_once(pg_dsn: str) -> None:
     migrate_postgres(pg_dsn)
     FakePoller.running.clear()
+    FakePoller.starts.clear()
+    FakePoller.stops.clear()
     FakePoller.most = 0
     a, amb = node(pg_dsn, "a")
     async with trio.open_nursery() as nursery:
@@ -97,10 +105,13 @@ async def test_a_leader_whose_session_breaks_stops_its_poller_at_once(pg_dsn: st
         await _until(lambda: a.leading)
         # The database ends the lock's session (a restart, a network cut look the same).
         with psycopg.connect(pg_dsn, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE "
-                          "locktype = 'advisory' AND objid = %s", (LOCK_POLLER & 0xFFFFFFFF,))
-        await _until(lambda: "a" not in FakePoller.running, timeout=2)
+            ended = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND objid = %s AND database = (SELECT oid FROM pg_database "
+                "WHERE datname = current_database())", (LOCK_POLLER & 0xFFFFFFFF,)).fetchall()
+        assert ended == [(True,)]
+        await _until(lambda: FakePoller.stops.get("a") == 1, timeout=2)
         # ...and, the lock being free, the node leads again with a new session.
-        await _until(lambda: a.leading and "a" in FakePoller.running)
+        await _until(lambda: a.leading and FakePoller.starts.get("a") == 2)
         assert FakePoller.most == 1
         scope.cancel()
