@@ -12,10 +12,13 @@ and what this node committed, announced only once every live node has it
   began, so a node cut off from the feed asks storage for every redeem instead of answering a
   stale 404.
 - Barrier: storage forwards each of this node's new-id and settle answers here with its feed
-  entry (`AfterFeed`); it goes on to the filter once every live node (one that read the feed
-  within `trust_secs`) has applied the entry, or after `trust_secs` plus a margin: by then a
-  node that has not read it has stopped trusting its filter. So a payment acknowledged on one
-  node is redeemable at once on every node, and a revocation answered on one is seen by all.
+  entry (`AfterFeed`); it is released once every live node (one that read the feed within
+  `trust_secs`) has applied the entry, or after `trust_secs` plus a margin: by then a node
+  that has not read it has stopped trusting its filter. New ids are in this node's filters
+  already (storage put them there before its COMMIT): released, the poller gets its answer
+  and the events go to the hub through the filter; a settle goes to the filter, which answers
+  once the workers have it. So a payment acknowledged on one node is redeemable at once on
+  every node, and a revocation answered on one is seen by all.
 - Housekeeping: entries every live node applied are deleted after `keep_secs`; nodes gone for
   a day are forgotten.
 
