@@ -27,6 +27,29 @@ from anon_ticket.domain.watch import Subscribe, WatchEvent
 from tests.actors.core import Core, run_core
 
 
+class Watcher:
+    """A hub subscriber that keeps what it is sent ((type, seq) of each event; an
+    announcement has no seq) and sets `until` when an event of the kind `stop` comes."""
+
+    def __init__(self, stop: str) -> None:
+        self.keys: set[bytes] = set()
+        self.slow = False
+        self.stop = stop
+        self.seen: list[tuple[str, int | None]] = []
+        self.until = trio.Event()
+
+    def put(self, item: object) -> bool:
+        if isinstance(item, WatchEvent):
+            kind = json.loads(item.text)["type"]
+            self.seen.append((kind, item.seq))
+            if kind == self.stop:
+                self.until.set()
+        return True
+
+    def mark_slow(self) -> None:
+        raise AssertionError("never slow here")
+
+
 async def _feed_length(dsn: str) -> int:
     def read() -> int:
         with psycopg.connect(dsn) as conn:
@@ -86,34 +109,16 @@ async def test_a_watcher_on_one_node_sees_a_claim_made_on_another_in_order(
     async with run_core(tmp_path / "a", pg=pg_dsn, node="a", cluster=True) as a, \
             run_core(tmp_path / "b", pg=pg_dsn, node="b", cluster=True) as b:
         pid = PaymentId.generate()
-        seen: list[tuple[str, int]] = []
-        got_claim = trio.Event()
-
-        class Watcher:
-            def __init__(self) -> None:
-                self.keys: set[bytes] = set()
-                self.slow = False
-
-            def put(self, item: object) -> bool:
-                if isinstance(item, WatchEvent):
-                    kind = json.loads(item.text)["type"]
-                    assert item.seq is not None
-                    seen.append((kind, item.seq))
-                    if kind == "claimed":
-                        got_claim.set()
-                return True
-
-            def mark_slow(self) -> None:
-                raise AssertionError("never slow here")
-
-        await b.hub.ask(Subscribe(Watcher(), pid.raw), 5)
+        watcher = Watcher("claimed")
+        await b.hub.ask(Subscribe(watcher, pid.raw), 5)
         await a.pay(pid)
         claimed = await a.storage.ask(Claim(pid), 5)
         assert claimed.status is ClaimStatus.SUCCESS
         with trio.fail_after(5):
-            await got_claim.wait()
-        assert [k for k, _ in seen] == ["payment_confirmed", "claimed"]
-        assert [s for _, s in seen] == sorted(s for _, s in seen)
+            await watcher.until.wait()
+        assert [k for k, _ in watcher.seen] == ["payment_confirmed", "claimed"]
+        seqs = [q for _, q in watcher.seen if q is not None]
+        assert len(seqs) == 2 and seqs == sorted(seqs)
 
 
 async def test_a_node_that_stops_hearing_the_feed_asks_storage_instead_of_a_404(
@@ -149,9 +154,9 @@ async def test_an_answer_waits_for_a_live_node_behind_at_most_its_bound(
                 await trio.sleep(0.05)
 
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            await trio.to_thread.run_sync(seen, conn)  # registered before the payment
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(keep_reading, conn)
-                await trio.sleep(0.1)
                 started = trio.current_time()
                 await a.pay(PaymentId.generate())
                 waited = trio.current_time() - started
@@ -190,31 +195,14 @@ async def test_the_pollers_announcements_reach_every_nodes_hub_ahead_of_the_cred
     async with run_core(tmp_path / "a", pg=pg_dsn, node="a", cluster=True) as a, \
             run_core(tmp_path / "b", pg=pg_dsn, node="b", cluster=True) as b:
         pid = PaymentId.generate()
-        seen: list[str] = []
-        confirmed = trio.Event()
-
-        class Watcher:
-            def __init__(self) -> None:
-                self.keys: set[bytes] = set()
-                self.slow = False
-
-            def put(self, item: object) -> bool:
-                if isinstance(item, WatchEvent):
-                    kind = json.loads(item.text)["type"]
-                    seen.append(kind)
-                    if kind == "payment_confirmed":
-                        confirmed.set()
-                return True
-
-            def mark_slow(self) -> None:
-                raise AssertionError("never slow here")
-
-        await b.hub.ask(Subscribe(Watcher(), pid.raw), 5)
+        watcher = Watcher("payment_confirmed")
+        await b.hub.ask(Subscribe(watcher, pid.raw), 5)
         txid = os.urandom(32)
         # The leading node's poller hands its announcements to its storage (the tree does)
         a.storage.tell(PaymentSeen(pid, txid.hex(), 10**12, None, 0, 2))
         a.storage.tell(Confirmations(pid, txid.hex(), 1, 2))
         await a.pay(pid, 10**12, txid=txid)
         with trio.fail_after(5):
-            await confirmed.wait()
-        assert seen == ["payment_seen", "confirmations", "payment_confirmed"]
+            await watcher.until.wait()
+        assert [k for k, _ in watcher.seen] == [
+            "payment_seen", "confirmations", "payment_confirmed"]
