@@ -19,6 +19,7 @@ import itertools
 import os
 import signal
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -27,6 +28,7 @@ from typing import Any
 
 import trio
 
+from anon_ticket.children import die_with_parent
 from anon_ticket.domain.commands import Drain, WorkerMetrics
 from anon_ticket.domain.inboxes import FanoutMsg, WorkerMsg
 from anon_ticket.domain.messages import Acked, Attach, Detach
@@ -76,6 +78,49 @@ class SharedListener:
         self._sock = None
 
 
+class Child:
+    """A worker process that dies with its owner: forked from trio's thread with
+    PR_SET_PDEATHSIG = SIGKILL (anon_ticket/children.py), so a kill -9 of the owner leaves no
+    worker holding the public port, not even one still starting. Its exit is awaited on a
+    pidfd, as trio's own processes are."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+        self._pidfd = os.pidfd_open(popen.pid)
+
+    @classmethod
+    def spawn(cls, argv: list[str], *, pass_fds: tuple[int, ...],
+              env: dict[str, str]) -> Child:
+        # Forking here blocks trio's thread for a few milliseconds, once per worker start.
+        popen = subprocess.Popen(argv, pass_fds=pass_fds, env=env, stdin=subprocess.DEVNULL,
+                                 start_new_session=True,  # a terminal's ^C reaches the owner
+                                 preexec_fn=die_with_parent(signal.SIGKILL))
+        return cls(popen)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll()
+
+    def send_signal(self, sig: int) -> None:
+        if self._popen.poll() is None:
+            self._popen.send_signal(sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    async def wait(self) -> int:
+        if self._popen.poll() is None:
+            await trio.lowlevel.wait_readable(self._pidfd)  # readable once it has exited
+        return self._popen.wait()
+
+    def close(self) -> None:
+        if self._pidfd >= 0:
+            trio.lowlevel.notify_closing(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
     settings_json: str  # the worker's Settings (anon_ticket/worker.py reads them)
@@ -117,7 +162,7 @@ class WorkerProcess:
         self.listener = listener
         self.targets = targets  # the owner's mailboxes a worker may ask: storage, poller
         self.fanout = fanout
-        self.process: trio.Process | None = None
+        self.process: Child | None = None
         self._stopping = False
         self._heard = 0.0
 
@@ -134,11 +179,10 @@ class WorkerProcess:
         try:
             with theirs:
                 env = {**os.environ, "ANON_TICKET_WORKER_SETTINGS": self.config.settings_json}
-                self.process = await trio.lowlevel.open_process(
+                self.process = Child.spawn(
                     [sys.executable, "-m", "anon_ticket.worker", str(self.index),
                      str(theirs.fileno()), str(public.fileno())],
-                    pass_fds=(theirs.fileno(), public.fileno()), env=env,
-                    start_new_session=True)  # a terminal's ^C reaches the owner only
+                    pass_fds=(theirs.fileno(), public.fileno()), env=env)
             log.info("worker started", worker=self.index, os_pid=self.process.pid)
             # Started: the supervisor goes on (workers start side by side); a worker that
             # never says hello or attaches ends this run like any other failure.
@@ -199,8 +243,10 @@ class WorkerProcess:
             return
         if proc.returncode is None:
             proc.kill()
-        await proc.wait()
-        code = proc.returncode
+        try:
+            code = await proc.wait()
+        finally:
+            proc.close()
         if self._stopping and code == 0:
             log.info("worker stopped", worker=self.index)
         else:

@@ -24,7 +24,6 @@ RandomX initialisation ~2.5 s); a restart on existing files ~3-5 s.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -34,7 +33,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import asdict, dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Any
 import trio
 from monero.seed import Seed
 
+from anon_ticket.children import die_with_parent
 from anon_ticket.errors import ConfigError, InvalidInput, RpcCallError, RpcError
 from anon_ticket.logs import get_logger
 from anon_ticket.walletrpc import WATCH_ONLY, JsonRpc
@@ -73,9 +73,6 @@ MAX_ATOMIC = 2**64 - 1
 DAEMON = "monerod"
 WALLET_DEV = "wallet-dev"
 WALLET_WATCH = "wallet-watch"
-
-_PR_SET_PDEATHSIG = 1
-
 
 # --- ports and the info file --------------------------------------------------------------
 
@@ -220,26 +217,6 @@ def _tail(path: Path, lines: int = 20) -> str:
     return "\n".join(data.splitlines()[-lines:])
 
 
-def _prctl() -> Callable[..., int]:
-    libc = ctypes.CDLL(None, use_errno=True)
-    fn = libc.prctl
-    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def _make_preexec(parent_pid: int) -> Callable[[], None]:
-    prctl = _prctl()  # resolved in the parent: the child only calls it
-
-    def preexec() -> None:  # runs in the child between fork and exec
-        if prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
-            os._exit(126)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
 def _child_name(proc: subprocess.Popen[bytes], names: dict[int, str]) -> str:
     return names.get(proc.pid, f"pid {proc.pid}")
 
@@ -359,7 +336,7 @@ class DevChain:
         for d in (self.daemon_dir, self.wallet_dir, self.ringdb_dir, self.log_dir, self.pid_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o700)
-        preexec = _make_preexec(os.getpid())
+        preexec = die_with_parent(signal.SIGTERM)
         started: list[subprocess.Popen[bytes]] = []
         try:
             for name, argv in self._commands().items():

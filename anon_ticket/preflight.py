@@ -9,13 +9,18 @@ directory and the database can be written where they are meant to be.
 from __future__ import annotations
 
 import os
+import sys
+import time
 from pathlib import Path
 
 from anon_ticket.config import Settings
 from anon_ticket.datadir import DataDir
 from anon_ticket.domain.address import validate_primary
 from anon_ticket.errors import AnonTicketError, ConfigError, InvalidAddress
-from anon_ticket.web import bind_tcp, check_socket_path
+from anon_ticket.web import PortInUse, bind_tcp, check_socket_path
+
+BIND_TRIES = 5
+BIND_PAUSE = 0.5
 
 
 def problems(settings: Settings) -> list[str]:
@@ -53,11 +58,26 @@ def _holder(directory: Path) -> int | None:
 
 
 def _tcp(host: str, port: int, what: str) -> list[str]:
-    try:
-        bind_tcp(host, port).close()
-    except ConfigError as exc:
-        return [f"{what}: {problem}" for problem in exc.problems]
-    return []
+    """Free, or taken by a process that lets go of it within BIND_TRIES * BIND_PAUSE seconds:
+    after a crash a supervisor restarts us at once, and what the dead process left (a
+    worker still exiting, a connection closing) may hold the port for a moment. nginx waits
+    the same way (five tries, half a second apart)."""
+    attempt = 1
+    while True:
+        try:
+            bind_tcp(host, port).close()
+        except PortInUse as exc:
+            if attempt == BIND_TRIES:
+                return [f"{what}: {problem}" for problem in exc.problems]
+            if attempt == 1:
+                print(f"anon-ticket: {what}: {host}:{port} is in use; trying again for "
+                      f"{(BIND_TRIES - 1) * BIND_PAUSE:g} s", file=sys.stderr, flush=True)
+            attempt += 1
+            time.sleep(BIND_PAUSE)
+        except ConfigError as exc:
+            return [f"{what}: {problem}" for problem in exc.problems]
+        else:
+            return []
 
 
 def _unix_path(path: Path, what: str) -> list[str]:

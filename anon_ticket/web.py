@@ -200,6 +200,10 @@ def bind_unix(path: Path, mode: int, dir_mode: int | None = None) -> socket.sock
     return sock
 
 
+class PortInUse(ConfigError):
+    """EADDRINUSE: another process listens on the address (perhaps one about to exit)."""
+
+
 def bind_tcp(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -209,7 +213,7 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise ConfigError([f"{host}:{port} is already in use"]) from None
+            raise PortInUse([f"{host}:{port} is already in use"]) from None
         raise ConfigError([f"cannot bind {host}:{port}: {exc.strerror}"]) from None
     sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)

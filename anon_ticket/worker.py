@@ -37,12 +37,33 @@ def main(argv: list[str]) -> int:
     try:
         return trio.run(run_worker, settings, index, link_fd, public_fd)
     except Exception as raised:  # the link ended or the tree gave up: the owner restarts us
-        exc: BaseException = raised
-        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-            exc = exc.exceptions[0]
+        exc = _cause(raised)
         report = log.warning if isinstance(exc, AnonTicketError) else log.error
         report("worker ended", worker=index, error=f"{type(exc).__name__}: {exc}")
         return 1
+
+
+def _cause(raised: BaseException) -> BaseException:
+    """What ended the worker: the one exception of a group; of several, our own error when
+    every other one is only a channel that error closed (the link's reader and writer both
+    fail when the owner goes), else the group itself, as it is a bug."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(raised)
+    ours = [e for e in leaves if isinstance(e, AnonTicketError)]
+    consequences = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+    if len(leaves) == 1:
+        return leaves[0]
+    if ours and all(isinstance(e, (AnonTicketError, *consequences)) for e in leaves):
+        return ours[0]
+    return raised
 
 
 if __name__ == "__main__":

@@ -127,6 +127,9 @@ def start_server(data_dir: Path, *, port: int | None = None, env: dict[str, str]
     log_path = (log_dir or data_dir.parent) / f"server-{port}.log"
     full_env = {**os.environ, "MONERO_RPC_URL": UNUSED_WALLET, **(env or {})}
     spawned = time.monotonic()
+    # A new file, not the old one truncated: a process of an earlier start on this port that
+    # is still exiting writes on into its own (now unlinked) file, not into this one's middle.
+    log_path.unlink(missing_ok=True)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [*BIN, "--data-dir", str(data_dir), "--bind-address", f"127.0.0.1:{port}",

@@ -129,6 +129,25 @@ def _parent(pid: int) -> int | None:
         return None
 
 
+def test_workers_still_starting_die_with_their_owner_and_free_the_port(tmp_path: Path) -> None:
+    """A kill -9 of the owner while its workers are still starting (importing, prewarming:
+    nothing in them reads the link yet): the kernel ends them with it (PR_SET_PDEATHSIG),
+    so the public port is free for the restart at once, not when they notice."""
+    server = start_server(tmp_path / "data", args=("--workers", "2"), wait=False)
+    deadline = time.monotonic() + 30
+    while server.log().count('"worker started"') < 2:
+        assert time.monotonic() < deadline and server.proc.poll() is None, server.log()
+        time.sleep(0.005)
+    kill(server)
+    orphans = wait_for_no_workers(server.proc.pid, timeout=1.0)
+    assert not orphans, f"workers outlived their owner: {orphans}"
+    probe = socket.socket()
+    try:
+        probe.bind(("127.0.0.1", server.port))  # nothing listens on it any more
+    finally:
+        probe.close()
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigkill_during_a_burst_of_claims_loses_no_token(tmp_path: Path, workers: int) -> None:
     """I3: claim and token are one transaction; a success a client saw survives a kill -9
