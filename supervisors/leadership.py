@@ -11,11 +11,15 @@ lock at once, and a standby takes it within `retry_secs` and resumes from the st
 While leading, the session is checked every `check_secs`; if it is lost (a network cut, a
 database restart) the poller is stopped at once and the node stands by again: it cannot know
 whether another node has taken the lock meanwhile.
+
+A standby asks its wallet who it is once (`identify`), as the poller does when it starts: its
+`/api/v1/info` then names the primary address without `PRIMARY_ADDRESS` set, and a node
+pointed at the wrong wallet exits 2 at start, not at its first takeover.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -23,14 +27,17 @@ import trio
 
 from anon_ticket.domain.commands import Figures, PausePoller, PollerStatus, RescanFrom, ResumePoller
 from anon_ticket.domain.inboxes import PollerMsg
-from anon_ticket.errors import InvalidInput
+from anon_ticket.errors import AnonTicketError, ConfigError, InvalidInput
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
 from anon_ticket.schema import LOCK_POLLER, pg_reason
+from anon_ticket.walletrpc import WalletIdentity
 from mailboxes import Dispatch, Envelope, Mailbox
 from supervisors.supervisor import Runnable
 
 log = get_logger("leadership")
+
+IDENTIFY_RETRY_SECS = 5.0  # a standby whose wallet is away asks again this often
 
 STANDBY = ("this node stands by: the poller runs on the node that holds the poller lock "
            "(its `ctl status` shows it)")
@@ -51,7 +58,9 @@ class Leadership:
     def __init__(self, url: str, node: str, make_poller: Callable[[], Runnable],
                  mailbox: Mailbox[PollerMsg], metrics: Metrics, *, retry_secs: float = 1.0,
                  check_secs: float = 1.0,
-                 connect: Callable[[str], psycopg.Connection[Any]] = _connect) -> None:
+                 connect: Callable[[str], psycopg.Connection[Any]] = _connect,
+                 identify: Callable[[], Awaitable[WalletIdentity]] | None = None,
+                 expected_primary: str | None = None) -> None:
         self.url = url
         self.node = node
         self.make_poller = make_poller
@@ -60,6 +69,9 @@ class Leadership:
         self.retry_secs = retry_secs
         self.check_secs = check_secs
         self._connect = connect
+        self._identify = identify
+        self.expected_primary = expected_primary
+        self.identity: WalletIdentity | None = None  # the wallet's, once a standby asked it
         self.leading = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -83,6 +95,8 @@ class Leadership:
                 ResumePoller: self._refuse,
                 RescanFrom: self._refuse,
             }))
+            if self._identify is not None and self.identity is None:
+                nursery.start_soon(self._identify_wallet, self._identify)
             conn = await self._acquire()
             nursery.cancel_scope.cancel()
         return conn
@@ -138,12 +152,34 @@ class Leadership:
                           error=reason)
                 return
 
+    async def _identify_wallet(self, identify: Callable[[], Awaitable[WalletIdentity]]) -> None:
+        """Until the wallet answers once (a takeover cancels it: the poller asks then)."""
+        while True:
+            try:
+                identity = await identify()
+            except AnonTicketError as exc:
+                log.warning("standby: wallet not identified yet", node=self.node,
+                            error=str(exc), retry_secs=IDENTIFY_RETRY_SECS)
+                await trio.sleep(IDENTIFY_RETRY_SECS)
+                continue
+            expected = self.expected_primary
+            if expected is not None and identity.primary_address != expected:
+                raise ConfigError([  # fatal, as the poller's own check (exit 2)
+                    f"the wallet has primary address {identity.primary_address[:12]}…, not "
+                    f"the configured {expected[:12]}…"])
+            log.info("standby: wallet identified", node=self.node,
+                     primary_address=identity.primary_address, watch_only=identity.watch_only)
+            self.identity = identity
+            return
+
     def _standby_status(self, env: Envelope[PollerStatus]) -> None:
+        identity = self.identity
         figures: Figures = {
             "state": "standby", "wallet_reachable": None, "storage_error": None,
             "wallet_height": None, "cursor": None, "lag_blocks": None,
-            "last_success_age_secs": None, "last_error": None, "primary_address": None,
-            "watch_only": None,
+            "last_success_age_secs": None, "last_error": None,
+            "primary_address": identity.primary_address if identity else None,
+            "watch_only": identity.watch_only if identity else None,
         }
         env.reply(figures)
 

@@ -74,7 +74,7 @@ from anon_ticket.errors import (
 )
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
-from anon_ticket.walletrpc import JsonRpc, WalletRpc
+from anon_ticket.walletrpc import JsonRpc, WalletIdentity, WalletRpc
 from mailboxes import AnyMailbox, Dispatch, Envelope, Mailbox
 from supervisors.leadership import Leadership
 from supervisors.supervisor import (
@@ -319,12 +319,19 @@ def build_tree(settings: Settings, secret: bytes, *,
     if rpc_url is not None:
         url: str = rpc_url
 
+        def make_wallet() -> WalletRpc:
+            return WalletRpc(JsonRpc(url, login=rpc_login, timeout_cap=settings.rpc_timeout_secs))
+
+        async def identify() -> WalletIdentity:
+            wallet = make_wallet()
+            try:
+                return await wallet.identity()
+            finally:
+                await wallet.aclose()
+
         def make_poller() -> Poller:
             return Poller(
-                poller_cfg,
-                lambda: WalletRpc(JsonRpc(url, login=rpc_login,
-                                          timeout_cap=settings.rpc_timeout_secs)),
-                mb.poller, mb.storage, metrics,
+                poller_cfg, make_wallet, mb.poller, mb.storage, metrics,
                 # (PostgreSQL: through storage, into the cluster feed for every node's hub)
                 events=events or (mb.storage if pg_url is not None else mb.hub))
 
@@ -334,7 +341,8 @@ def build_tree(settings: Settings, secret: bytes, *,
         else:
             lead_url: str = pg_url
             poller = ChildSpec("poller", lambda: Leadership(
-                lead_url, node, make_poller, mb.poller, metrics), mb.poller)
+                lead_url, node, make_poller, mb.poller, metrics, identify=identify,
+                expected_primary=settings.primary_address), mb.poller)
     hub = ChildSpec("hub", lambda: Hub(mb.hub, metrics, replicas=replicas), mb.hub)
     public = ChildSpec("public", lambda: Public(public_cfg, mb.storage, mb.filter, metrics,
                                                 poller=mb.poller if poller else None,

@@ -246,6 +246,17 @@ def roles(nodes: list[ServerProcess], timeout: float = 15) -> tuple[ServerProces
         time.sleep(0.05)
 
 
+def info_primary(node: ServerProcess, timeout: float = 10) -> str:
+    """The primary address `/api/v1/info` names, once it names one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        primary = httpx.get(f"{node.url}/api/v1/info", timeout=5).json()["primary_address"]
+        if primary is not None:
+            return str(primary)
+        assert time.monotonic() < deadline, "no primary address in /api/v1/info"
+        time.sleep(0.05)
+
+
 def wait_cursor(node: ServerProcess, target: int, timeout: float = 60) -> int:
     deadline = time.monotonic() + timeout
     while True:
@@ -276,6 +287,8 @@ def test_kill_9_of_the_polling_node_another_takes_over_and_nothing_is_lost_or_do
             node.wait_ready()
         leader, standby = roles(nodes)
         assert (leader_gauge(leader), leader_gauge(standby)) == (1.0, 0.0)
+        # Neither node was given PRIMARY_ADDRESS: the standby asked its wallet itself.
+        assert info_primary(standby) == info.primary_address
         wait_cursor(leader, safe_height(info))
         paid: dict[str, tuple[str, int]] = {}  # pid -> (txid, amount)
 

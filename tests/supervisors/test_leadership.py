@@ -9,9 +9,10 @@ import pytest
 import trio
 
 from anon_ticket.domain.commands import PausePoller, PollerStatus
-from anon_ticket.errors import InvalidInput
+from anon_ticket.errors import ConfigError, InvalidInput, RpcUnavailable
 from anon_ticket.metrics import Metrics
 from anon_ticket.schema import LOCK_POLLER, migrate_postgres
+from anon_ticket.walletrpc import WalletIdentity
 from mailboxes import Mailbox
 from supervisors.leadership import Leadership
 
@@ -115,3 +116,50 @@ async def test_a_leader_whose_session_breaks_stops_its_poller_at_once(pg_dsn: st
         await _until(lambda: a.leading and FakePoller.starts.get("a") == 2)
         assert FakePoller.most == 1
         scope.cancel()
+
+
+async def test_a_standby_names_its_wallet_and_refuses_the_wrong_one(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A standby asks its wallet who it is (retrying while it is away), so its status, and
+    `/api/v1/info` with it, name the primary address without PRIMARY_ADDRESS; a wallet other
+    than the configured one is fatal on a standby too, as in the poller."""
+    import supervisors.leadership as leadership
+    monkeypatch.setattr(leadership, "IDENTIFY_RETRY_SECS", 0.05)
+    migrate_postgres(pg_dsn)
+    asked = 0
+
+    async def identify() -> WalletIdentity:
+        nonlocal asked
+        asked += 1
+        if asked < 3:
+            raise RpcUnavailable("the wallet is away")
+        return WalletIdentity("4right", watch_only=True)
+
+    a, amb = node(pg_dsn, "a")
+    scope_a = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_serve, a, amb, scope_a)
+        await _until(lambda: a.leading)
+        b_mb: Mailbox[object] = Mailbox("poller-b", 16)
+        b = Leadership(pg_dsn, "b", lambda: FakePoller("b", b_mb), b_mb,  # type: ignore[arg-type]
+                       Metrics(), retry_secs=0.1, check_secs=0.1, identify=identify,
+                       expected_primary="4right")
+        scope_b = trio.CancelScope()
+        nursery.start_soon(_serve, b, b_mb, scope_b)
+        await _until(lambda: b.identity is not None)
+        status = await b_mb.ask(PollerStatus(), 5)
+        assert (status["state"], status["primary_address"], status["watch_only"]) == (
+            "standby", "4right", True)
+        assert asked == 3
+        scope_b.cancel()
+
+        wrong_mb: Mailbox[object] = Mailbox("poller-c", 16)
+        wrong = Leadership(pg_dsn, "c", lambda: FakePoller("c", wrong_mb), wrong_mb,  # type: ignore[arg-type]
+                           Metrics(), retry_secs=0.1, identify=identify,
+                           expected_primary="4other")
+        wrong_mb.serving = True
+        with pytest.raises(BaseExceptionGroup) as raised:  # (out of the standby's nursery)
+            await wrong.run()
+        fatal = raised.value.subgroup(ConfigError)
+        assert fatal is not None and "not the configured 4other" in repr(fatal)
+        scope_a.cancel()
