@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full", action="store_true", help="the long run (default: bounded)")
     p.add_argument("--only", help="comma-separated sections of the catalog")
     p.add_argument("--out", type=Path, default=Path("adversary-report.json"))
+    p.add_argument("--database-url", help="the server started here stores in this "
+                   "PostgreSQL database (default: its SQLite file)")
     args = p.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     if args.url:
@@ -49,9 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     from tests.process.proc import start_server
     from tests.process.test_process import prepared
 
+    env = {"DATABASE_URL": args.database_url} if args.database_url else None
     with tempfile.TemporaryDirectory(prefix="adversary-") as tmp:
-        data, pids = prepared(Path(tmp), 10)
-        server = start_server(data, args=OWN_SERVER_ARGS)
+        data, pids = prepared(Path(tmp), 10, env=env)
+        server = start_server(data, args=OWN_SERVER_ARGS, env=env)
         try:
             target = Target("127.0.0.1", server.port, server.internal_socket, server.proc.pid,
                             pids, 2.0, 3.0, 2.0, 2.0, full=args.full)

@@ -46,9 +46,10 @@ def cli(data_dir: Path, *args: str, env: dict[str, str] | None = None,
 
 
 def import_legacy(data_dir: Path, legacy: Path, *, timeout: float = 60,
-                  cpus: set[int] | None = None) -> str:
+                  cpus: set[int] | None = None, env: dict[str, str] | None = None) -> str:
     """`anon-ticket db import-legacy LEGACY` as an operator runs it; its report (stdout)."""
-    done = cli(data_dir, "db", "import-legacy", str(legacy), timeout=timeout, cpus=cpus)
+    done = cli(data_dir, "db", "import-legacy", str(legacy), timeout=timeout, cpus=cpus,
+               env=env)
     assert done.returncode == 0, f"db import-legacy exited {done.returncode}:\n" \
         f"{done.stdout}\n{done.stderr}"
     return done.stdout

@@ -15,8 +15,19 @@ pytestmark = pytest.mark.process
 
 def test_the_bounded_adversary_suite_finds_nothing(tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    _finds_nothing(tmp_path, capsys)
+
+
+def test_the_bounded_adversary_suite_finds_nothing_on_postgresql(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], pg_dsn: str) -> None:
+    """The same attacks against a server whose store is PostgreSQL (the redeem races then
+    meet its conditional claim, the slow clients its reconnecting storage)."""
+    _finds_nothing(tmp_path, capsys, "--database-url", pg_dsn)
+
+
+def _finds_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> None:
     out = tmp_path / "report.json"
-    code = main(["--out", str(out)])
+    code = main(["--out", str(out), *args])
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["attacks"] >= 60

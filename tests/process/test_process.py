@@ -34,12 +34,13 @@ def legacy_rows(n: int) -> list[LegacyRow]:
             for i in range(n)]
 
 
-def prepared(tmp_path: Path, n: int) -> tuple[Path, list[str]]:
-    """A data directory whose database holds `n` unclaimed tickets, imported as an operator
-    would (`db import-legacy`)."""
+def prepared(tmp_path: Path, n: int,
+             env: dict[str, str] | None = None) -> tuple[Path, list[str]]:
+    """A data directory whose database (its SQLite file, or `DATABASE_URL` in `env`) holds
+    `n` unclaimed tickets, imported as an operator would (`db import-legacy`)."""
     rows = legacy_rows(n)
     data = tmp_path / "data"
-    import_legacy(data, write_legacy_db(tmp_path / "legacy.db", rows))
+    import_legacy(data, write_legacy_db(tmp_path / "legacy.db", rows), env=env)
     return data, [r[0].hex() for r in rows]
 
 
