@@ -44,6 +44,7 @@ from anon_ticket.domain.messages import (
     Confirmations,
     MarkVanished,
     PaymentSeen,
+    PollerPauseFlag,
     ReadCursor,
     RecentTransfers,
     RecordTransfers,
@@ -146,6 +147,8 @@ class Poller:
         self.cursor: int | None = None
         self.wallet_height: int | None = None
         self.paused = False
+        # The stored pause has been read, or a pause or resume since has decided it.
+        self._pause_known = False
         self.last_success: float | None = None
         self.last_error: str | None = None
         self.wallet_error: str | None = None  # the wallet's last failure, until it is past
@@ -245,15 +248,40 @@ class Poller:
         env.reply(self.status())
 
     async def _pause(self, env: Envelope[PausePoller]) -> None:
-        self.paused = True
-        log.info("audit: poller paused")
-        env.reply(self.status())
+        if await self._store_pause(env, True):
+            self.paused = True
+            log.info("audit: poller paused")
+            env.reply(self.status())
 
     async def _resume(self, env: Envelope[ResumePoller]) -> None:
-        self.paused = False
-        log.info("audit: poller resumed")
-        self._wake.set()
-        env.reply(self.status())
+        if await self._store_pause(env, False):
+            self.paused = False
+            log.info("audit: poller resumed")
+            self._wake.set()
+            env.reply(self.status())
+
+    async def _store_pause(self, env: Envelope[PausePoller] | Envelope[ResumePoller],
+                           paused: bool) -> bool:
+        """Stored first, so that what the operator was told outlives a restart and a change
+        of leader; if storage cannot, the command fails and nothing changes."""
+        try:
+            await self._store(PollerPauseFlag(paused))
+        except _StorageFailed as exc:
+            env.fail(exc.error)
+            return False
+        self._pause_known = True
+        return True
+
+    async def _load_pause(self) -> bool:
+        """At the first tick: a pause stored by an earlier run (or the last leader) holds."""
+        stored = await self._store(PollerPauseFlag())
+        if self._pause_known:
+            return False  # a pause or resume came meanwhile: it decided
+        self._pause_known = True
+        if stored:
+            self.paused = True
+            log.info("poller starting paused: an operator paused it (ctl poller resume)")
+        return stored
 
     async def _rescan_from(self, env: Envelope[RescanFrom]) -> None:
         """Checked here, applied by the polling loop between ticks (`_apply_rescan`)."""
@@ -368,6 +396,8 @@ class Poller:
         return max(0, start - 1) if start is not None else 0
 
     async def tick(self) -> None:
+        if not self._pause_known and await self._load_pause():
+            return
         if self.identity is None:
             await self._check_identity()
         if self.cursor is None:

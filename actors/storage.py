@@ -48,6 +48,7 @@ from anon_ticket.domain.messages import (
     ListSkipped,
     LookupToken,
     MarkVanished,
+    PollerPauseFlag,
     Publish,
     ReadCursor,
     ReadTicketState,
@@ -234,6 +235,7 @@ class Storage:
             Revoke: self._revoke,
             RecordTransfers: self._record,
             ReadCursor: self._read_cursor,
+            PollerPauseFlag: self._pause_flag,
             RecentTransfers: self._recent,
             MarkVanished: self._vanish,
             ReadTicketState: self._ticket_state,
@@ -634,6 +636,15 @@ class Storage:
     def _read_cursor(self, msg: ReadCursor) -> Handled:
         row = self._one("SELECT value FROM state WHERE key = 'cursor'", ())
         return (row[0] if row else None), ()
+
+    def _pause_flag(self, msg: PollerPauseFlag) -> Handled:
+        if msg.paused is None:
+            row = self._one("SELECT value FROM state WHERE key = 'poller_paused'", ())
+            return bool(row and row[0]), ()
+        row = self._one("INSERT INTO state (key, value) VALUES ('poller_paused', ?) "
+                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value "
+                        "RETURNING value", (int(msg.paused),))
+        return bool(row[0]), ()
 
     def _recent(self, msg: RecentTransfers) -> Handled:
         rows = self._all(

@@ -23,7 +23,8 @@ shared-memory index under the first (SIGBUS). So the copy may run beside a serve
   code from what each driver returns. Any difference rolls everything back.
 
 `cluster_events` and `cluster_nodes` are PostgreSQL's own and stay as they are; of `state` only
-`cursor` and `epoch` travel (`write_probe` is the SQLite writer's scratch row).
+`cursor`, `epoch` and a stored `poller_paused` travel (`write_probe` is the SQLite writer's
+scratch row).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ __all__ = ["CopyMismatch", "CopyReport", "TableCopy", "check_target", "copy_to_p
 CHUNK_ROWS = 5000  # rows read from SQLite (and back from PostgreSQL) at a time
 LOCK_TIMEOUT = "10s"  # waiting longer for the target's tables means something is using them
 LIVE_SECS = 30  # a node that read the cluster feed this recently is taken to be running
-STATE_KEYS = ("cursor", "epoch")
+STATE_KEYS = ("cursor", "epoch", "poller_paused")
 
 
 class CopyMismatch(StorageError):
@@ -292,7 +293,8 @@ def copy_to_postgres(db_path: Path, url: str) -> CopyReport:
                 cur.execute("LOCK TABLE tickets, transfers, skipped, state "
                             "IN ACCESS EXCLUSIVE MODE")
                 _refuse_unless_empty(cur, target)
-                cur.execute("DELETE FROM state WHERE key = 'epoch'")  # the migration's own
+                # the migration's epoch; a pause stored there is replaced by the source's
+                cur.execute("DELETE FROM state WHERE key IN ('epoch', 'poller_paused')")
                 copied = []
                 for table in TABLES:
                     digest = _copy_table(src, cur, table)

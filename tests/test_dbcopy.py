@@ -29,6 +29,7 @@ from anon_ticket.domain.messages import (
     ClaimStatus,
     LookupToken,
     MarkVanished,
+    PollerPauseFlag,
     ReadCursor,
     ReadTicketState,
     RecordTransfers,
@@ -86,6 +87,7 @@ async def fill(data_dir: Path) -> Source:
         skipped = (*(SkippedTransfer(shared, r, 5, 105) for r in REASONS),
                    SkippedTransfer(os.urandom(32), "below_minimum", 7, 106, "00" * 8))
         await core.storage.ask(RecordTransfers((), skipped, cursor=CURSOR), 5)
+        await core.storage.ask(PollerPauseFlag(True), 5)  # an operator paused it: it stays
         states = {p: await core.storage.ask(ReadTicketState(pid=p), 5) for p in (a, b, c, d)}
     return Source(core.db_path, a, first, b, claimed.token, c, revoked.token, d, states)
 
@@ -136,11 +138,11 @@ async def test_a_copy_carries_every_row_and_serves_from_postgres(
     report = copy_to_postgres(src.db, pg_dsn)
 
     counts = {t.name: t.rows for t in report.tables}
-    assert counts == {"tickets": 4, "transfers": 5, "skipped": 3, "state": 2}
+    assert counts == {"tickets": 4, "transfers": 5, "skipped": 3, "state": 3}
     for table in TABLES:
         assert pg_rows(pg_dsn, table) == sqlite_rows(src.db, table), table
     epoch = src.states[src.claimable].epoch
-    assert pg_state(pg_dsn) == {"epoch": epoch, "cursor": CURSOR}
+    assert pg_state(pg_dsn) == {"epoch": epoch, "cursor": CURSOR, "poller_paused": 1}
     assert (report.epoch, report.cursor) == (epoch, CURSOR)
     assert all(len(t.checksum) == 64 for t in report.tables)
     vanished = [r for r in pg_rows(pg_dsn, "transfers") if r[1] == src.vanished.raw]
@@ -373,7 +375,7 @@ async def test_cli_copy_prints_a_summary_and_refuses_a_second_time(
         assert summary["epoch"] == src.states[src.claimed].epoch
         assert summary["cursor"] == CURSOR
         assert [(t["table"], t["rows"]) for t in summary["tables"]] == [
-            ("tickets", 4), ("transfers", 5), ("skipped", 3), ("state", 2)]
+            ("tickets", 4), ("transfers", 5), ("skipped", 3), ("state", 3)]
         assert all(len(t["checksum"]) == 64 for t in summary["tables"])
     finally:
         pg_server.drop_database(name)

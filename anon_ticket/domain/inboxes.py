@@ -37,6 +37,7 @@ from anon_ticket.domain.messages import (
     LookupToken,
     MarkVanished,
     PaymentSeen,
+    PollerPauseFlag,
     Publish,
     ReadCursor,
     ReadTicketState,
@@ -50,9 +51,9 @@ from anon_ticket.domain.messages import (
 )
 from anon_ticket.domain.watch import Drop, Replay, Subscribe, Unsubscribe
 
-StorageMsg = (Claim | LookupToken | Revoke | RecordTransfers | ReadCursor | RecentTransfers
-              | MarkVanished | ReadTicketState | ListSkipped | StorageStats | StorageHealth
-              | Backup
+StorageMsg = (Claim | LookupToken | Revoke | RecordTransfers | ReadCursor | PollerPauseFlag
+              | RecentTransfers | MarkVanished | ReadTicketState | ListSkipped | StorageStats
+              | StorageHealth | Backup
               # PostgreSQL: the poller's announcements, into the cluster feed in order (§9)
               | PaymentSeen | Confirmations | SightingGone)
 FilterMsg = (Redeem | Lookup | AddPids | Committed | Replicated | Settle | FeedSynced

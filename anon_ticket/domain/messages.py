@@ -130,6 +130,14 @@ class ReadCursor(Request[int | None]):
 
 
 @dataclass(frozen=True, slots=True)
+class PollerPauseFlag(Request[bool]):
+    """The poller's pause as stored, so that it outlives a restart and, with several nodes,
+    a change of leader: `None` reads it, `True` or `False` stores it. Answers the flag."""
+
+    paused: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RecordedTransfer:
     txid: bytes
     pid: PaymentId

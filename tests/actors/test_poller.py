@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from actors.poller import CHUNK_TRANSFERS, Poller, PollerConfig, chunks_at_block_boundaries
-from anon_ticket.domain.commands import PollerStatus, RescanFrom
+from anon_ticket.domain.commands import PausePoller, PollerStatus, RescanFrom, ResumePoller
 from anon_ticket.domain.ids import PaymentId
 from anon_ticket.domain.messages import (
     Claim,
@@ -423,3 +423,40 @@ async def test_the_nth_confirmation_is_announced_before_the_credit_and_gone_is_t
                   if isinstance(m, tuple) and m[1] < 192 <= m[2])
     assert nth < credit, log
     assert SightingGone(pooled, pool_txid) in log
+
+
+async def test_a_pause_is_stored_and_a_new_poller_starts_paused(tmp_path: Path) -> None:
+    """A pause outlives its poller (a restart, or on PostgreSQL a new leader); one that
+    cannot be stored fails and changes nothing."""
+    wallet = ScriptedWallet(height=100)
+    with faulty_disk() as disk:
+        async with run_core(tmp_path) as core:
+            async with trio.open_nursery() as n:
+                mb = await run_poller(core, wallet, n)
+                await wait_for(lambda: cursor_is(mb, 90))
+                assert (await mb.ask(PausePoller(), 5))["state"] == "paused"
+                n.cancel_scope.cancel()
+            wallet.height = 120  # blocks the paused poller must not scan
+            scanned = len(wallet.windows)
+            async with trio.open_nursery() as n:
+                mb = await run_poller(core, wallet, n)
+                await wait_for(lambda: state_is(mb, "paused"))
+                await trio.sleep(0.2)  # twenty polling intervals
+                assert (await mb.ask(PollerStatus(), 5))["cursor"] is None  # never loaded
+                assert len(wallet.windows) == scanned
+                disk.full = True
+                with pytest.raises(Unavailable):
+                    await mb.ask(ResumePoller(), 5)
+                assert (await mb.ask(PollerStatus(), 5))["state"] == "paused"
+                disk.full = False
+                assert (await mb.ask(ResumePoller(), 5))["state"] != "paused"
+                await wait_for(lambda: cursor_is(mb, 110))
+                n.cancel_scope.cancel()
+            async with trio.open_nursery() as n:  # resumed is stored too
+                mb = await run_poller(core, wallet, n)
+                await wait_for(lambda: cursor_is(mb, 110))
+                n.cancel_scope.cancel()
+
+
+async def state_is(mb: Mailbox[Any], state: str) -> bool:
+    return bool((await mb.ask(PollerStatus(), 5))["state"] == state)

@@ -31,6 +31,7 @@ from anon_ticket.domain.messages import (
     Invalidate,
     Lookup,
     LookupToken,
+    PollerPauseFlag,
     Presence,
     ReadCursor,
     Recorded,
@@ -169,6 +170,17 @@ async def test_cursor_moves_with_its_transfers(tmp_path: Path, backend: str | No
         skipped = SkippedTransfer(os.urandom(32), "no_payment_id", 5, 7)
         await core.storage.ask(RecordTransfers((t,), (skipped,), cursor=7), 5)
         assert await core.storage.ask(ReadCursor(), 5) == 7
+
+
+async def test_the_poller_pause_is_stored_and_read_back(
+        tmp_path: Path, backend: str | None) -> None:
+    async with core_on(backend, tmp_path) as core:
+        assert await core.storage.ask(PollerPauseFlag(), 5) is False  # never paused
+        assert await core.storage.ask(PollerPauseFlag(True), 5) is True
+        assert await core.storage.ask(PollerPauseFlag(), 5) is True
+        assert await core.storage.ask(PollerPauseFlag(True), 5) is True  # again: no conflict
+        assert await core.storage.ask(PollerPauseFlag(False), 5) is False
+        assert await core.storage.ask(PollerPauseFlag(), 5) is False
 
 
 async def test_group_commit_batches_concurrent_claims(

@@ -110,6 +110,15 @@ async def test_pause_resume_restart_and_rescan_lose_and_double_nothing(
         for i in range(3):
             await payment(i)
         assert (await poller(srv))["cursor"] <= start  # paused: nothing scanned
+        # The pause is stored: a restarted poller (or, on PostgreSQL, a new leader) holds it.
+        resp = await srv.internal.post("/admin/actors/poller/restart")
+        assert resp.status_code == 200
+        with trio.fail_after(10):
+            while (await poller(srv))["state"] != "paused":
+                await trio.sleep(0.05)
+        await mine(info, 1)
+        await trio.sleep(1)  # ten polling intervals
+        assert (await poller(srv))["cursor"] in (None, *range(start + 1))
         assert (await srv.internal.post("/admin/poller/resume")).status_code == 200
         await payment(3)
         resp = await srv.internal.post("/admin/actors/poller/restart")
