@@ -182,3 +182,18 @@ def test_schedstat_and_its_delta_over_a_tree() -> None:
     assert wait == pytest.approx(0.25 + 0.25 + 0.125) and slices == 50 + 30 + 5
     tree = workers.tree_sched(os.getpid())
     assert tree[os.getpid()][1] > 0
+
+
+def test_longer_runs_get_more_fresh_ids_and_quick_is_the_quick_plan() -> None:
+    from tests.bench import cli, nodes
+
+    p = cli.parser("bench", "", workers.QUICK, "pair")
+    longer = cli.plan_from(p.parse_args(["--pairs", "10"]), workers.QUICK, workers.FULL,
+                           "unclaimed")
+    assert (longer.pairs, longer.seconds) == (10, workers.FULL.seconds)
+    assert longer.unclaimed == workers.FULL.unclaimed * 2  # twice the seconds of claims
+    shorter = cli.plan_from(p.parse_args(["--seconds", "1"]), workers.QUICK, workers.FULL,
+                            "unclaimed")
+    assert shorter.unclaimed == workers.FULL.unclaimed  # never fewer than the plan's
+    quick = cli.plan_from(p.parse_args(["--quick"]), nodes.QUICK, nodes.FULL, "tickets")
+    assert quick == nodes.QUICK

@@ -68,10 +68,7 @@ that runs out of fresh ids stops early and says so.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
-import math
 import os
 import platform
 import random
@@ -93,7 +90,7 @@ from psycopg import sql
 
 from anon_ticket import schema
 from anon_ticket.datadir import DataDir
-from tests.bench import data, procs, workers, wrk
+from tests.bench import cli, data, procs, workers, wrk
 from tests.bench.workers import (
     CpuDelta,
     cpu_delta,
@@ -1061,33 +1058,10 @@ def run(plan: Plan, out: Path | None, *, keep: bool = False, log: Log | None = N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tests.bench.nodes",
-                                description="claims on PostgreSQL against SQLite, and two "
-                                            "nodes against one on one PostgreSQL database")
-    p.add_argument("--quick", action="store_true",
-                   help=f"a smoke test: {QUICK.pairs} repetition of {QUICK.seconds} s runs")
-    p.add_argument("--out", metavar="FILE.json", help="write the JSON report here")
-    p.add_argument("--pairs", type=int, help="repetitions of each phase")
-    p.add_argument("--seconds", type=int, help="seconds a run")
-    p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
-    args = p.parse_args(argv)
-    if wrk.wrk_binary() is None:
-        print("needs wrk (scripts/setup.sh installs it; Debian: apt-get install wrk)",
-              file=sys.stderr)
-        return 1
-    plan = QUICK if args.quick else FULL
-    if args.pairs or args.seconds:
-        pairs, seconds = args.pairs or plan.pairs, args.seconds or plan.seconds
-        # fresh ids for as many seconds of new claims as the plan's, or more
-        scale = max(1.0, pairs * seconds / (plan.pairs * plan.seconds))
-        plan = dataclasses.replace(plan, pairs=pairs, seconds=seconds,
-                                   tickets=math.ceil(plan.tickets * scale))
-    out = Path(args.out) if args.out else None
-    report = run(plan, out, keep=args.keep)
-    print(render(report))
-    if out is not None:
-        print(f"report written to {out}")
-    return 0
+    p = cli.parser("python -m tests.bench.nodes", "claims on PostgreSQL against SQLite, and "
+                   "two nodes against one on one PostgreSQL database", QUICK, "repetition")
+    return cli.main(argv, p, lambda args, out: run(
+        cli.plan_from(args, QUICK, FULL, "tickets"), out, keep=args.keep), render)
 
 
 if __name__ == "__main__":

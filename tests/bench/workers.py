@@ -58,8 +58,6 @@ request goes, owner and workers together.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import math
 import os
@@ -79,7 +77,7 @@ from typing import Any
 
 import httpx
 
-from tests.bench import data, procs, profiling, wrk
+from tests.bench import cli, data, procs, profiling, wrk
 from tests.bench.wrk import WrkResult
 from tests.process.proc import ServerProcess
 
@@ -855,36 +853,14 @@ def run(plan: Plan, out: Path | None, *, keep: bool = False, profile: Path | Non
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tests.bench.workers",
-                                description="--workers 2 against --workers 1, side by side")
-    p.add_argument("--quick", action="store_true",
-                   help=f"a smoke test: {QUICK.pairs} pair of {QUICK.seconds} s runs a scenario")
-    p.add_argument("--out", metavar="FILE.json", help="write the JSON report here")
-    p.add_argument("--pairs", type=int, help="repetitions (each scenario on both servers)")
-    p.add_argument("--seconds", type=int, help="seconds a run")
-    p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    p = cli.parser("python -m tests.bench.workers",
+                   "--workers 2 against --workers 1, side by side", QUICK, "pair")
     p.add_argument("--profile", metavar="DIR",
                    help="then one more run of each scenario on each server under py-spy "
                         "(if installed), every process sampled; stacks go to DIR")
-    args = p.parse_args(argv)
-    if wrk.wrk_binary() is None:
-        print("needs wrk (scripts/setup.sh installs it; Debian: apt-get install wrk)",
-              file=sys.stderr)
-        return 1
-    plan = QUICK if args.quick else FULL
-    if args.pairs or args.seconds:
-        pairs, seconds = args.pairs or plan.pairs, args.seconds or plan.seconds
-        # fresh ids for as many seconds of new claims as the plan's, or more
-        scale = max(1.0, pairs * seconds / (plan.pairs * plan.seconds))
-        plan = dataclasses.replace(plan, pairs=pairs, seconds=seconds,
-                                   unclaimed=math.ceil(plan.unclaimed * scale))
-    out = Path(args.out) if args.out else None
-    report = run(plan, out, keep=args.keep,
-                 profile=Path(args.profile) if args.profile else None)
-    print(render(report))
-    if out is not None:
-        print(f"report written to {out}")
-    return 0
+    return cli.main(argv, p, lambda args, out: run(
+        cli.plan_from(args, QUICK, FULL, "unclaimed"), out, keep=args.keep,
+        profile=Path(args.profile) if args.profile else None), render)
 
 
 if __name__ == "__main__":
