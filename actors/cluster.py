@@ -2,8 +2,10 @@
 and what this node committed, announced only once every live node has it
 (docs/architecture.md §9; only with PostgreSQL).
 
-- Follow: every `poll_interval` it reads `cluster_events` past the last entry applied (the
-  filter's prewarm snapshot is where it starts), and hands each other node's entry to the
+- Follow: it reads `cluster_events` past the last entry applied (the filter's prewarm
+  snapshot is where it starts) when another node's COMMIT wakes it (LISTEN on
+  `FEED_CHANNEL`, on a connection of its own), and at least every `idle_interval` (every
+  `poll_interval` while it is not listening), and hands each other node's entry to the
   filter in order: its effects (cache fills, invalidations, events) as one `Committed`, an
   invalidation settled (`Settle`: with worker processes, once every worker has it queued), its
   new ids as `AddPids` (into the Bloom filter, every worker's too, then their events to the
@@ -54,7 +56,7 @@ from anon_ticket.domain.messages import (
 from anon_ticket.errors import AnonTicketError
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
-from anon_ticket.schema import pg_reason
+from anon_ticket.schema import APPLIED_CHANNEL, FEED_CHANNEL, pg_reason
 from anon_ticket.wire import WireError, decode_feed
 from mailboxes import Dispatch, Envelope, Mailbox
 
@@ -68,7 +70,9 @@ RECONNECT_MAX_SECS = 5.0
 class ClusterConfig:
     url: str
     node: str
-    poll_interval: float = 0.02
+    poll_interval: float = 0.02  # between reads while not listening; the barrier's checks
+    idle_interval: float = 0.25  # between reads while listening (notifications wake it)
+    listen: bool = True
     trust_secs: float = 2.0  # the filter answers alone this long after a feed read began
     barrier_margin: float = 0.5
     keep_secs: float = 600.0  # applied entries are kept this long (for a node catching up)
@@ -100,6 +104,12 @@ class Cluster:
         self._waiting: list[_Waiting] = []
         self._wake = trio.Event()
         self._pruned_at = -math.inf
+        self._poked = trio.Event()  # another node committed an entry (a notification)
+        self._progress = trio.Event()  # another node applied entries (a notification)
+        self._recorded: int | None = None  # `applied` as cluster_nodes last had it
+        self.listening = False  # the listener's LISTEN is in place
+        self._stopping = False  # tells the listener's thread to end
+        self.rounds = 0  # reads of the feed (the tests count them)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # Where the filter's prewarm snapshot ended: the feed is followed from there.
@@ -109,11 +119,16 @@ class Cluster:
         log.info("cluster feed followed", node=self.config.node, start=self.applied)
         while await self._round() >= BATCH:  # caught up (and trusted) before serving
             pass
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._follow)
-            nursery.start_soon(self._barrier)
-            task_status.started()
-            await self.mailbox.serve(Dispatch(self.name, {AfterFeed: self._after_feed}))
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.config.listen:
+                    nursery.start_soon(self._listen)
+                nursery.start_soon(self._follow)
+                nursery.start_soon(self._barrier)
+                task_status.started()
+                await self.mailbox.serve(Dispatch(self.name, {AfterFeed: self._after_feed}))
+        finally:
+            self._stopping = True
 
     # --- the database, from the actor's thread ----------------------------------------------
 
@@ -146,6 +161,7 @@ class Cluster:
     async def _follow(self) -> None:
         delay = self.config.poll_interval
         while True:
+            self._poked = trio.Event()  # a notification from now on wakes the wait below
             try:
                 read = await self._round()
             except psycopg.Error as exc:
@@ -155,13 +171,58 @@ class Cluster:
                 continue
             delay = self.config.poll_interval
             if read == 0:
-                await trio.sleep(self.config.poll_interval)
+                with trio.move_on_after(self._idle_wait()):
+                    await self._poked.wait()
             # (after entries, the next round at once: it records how far this node got,
             # which answers waiting on other nodes wait for)
+
+    def _idle_wait(self) -> float:
+        """Listening, a read now and then keeps this node seen and its filter trusted (well
+        within `trust_secs`); without notifications, the feed is polled."""
+        if not self.listening:
+            return self.config.poll_interval
+        return min(self.config.idle_interval, self.config.trust_secs / 4)
+
+    # --- notifications ------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        """LISTEN on a connection of its own, in a thread of its own; a lost connection is
+        tried again with backoff (meanwhile the feed is polled)."""
+        token = trio.lowlevel.current_trio_token()
+        limiter = trio.CapacityLimiter(1)
+        delay = 0.1
+        while True:
+            try:
+                await trio.to_thread.run_sync(self._listen_blocking, token,
+                                              abandon_on_cancel=True, limiter=limiter)
+            except psycopg.Error as exc:
+                log.warning("cluster feed notifications lost; polling meanwhile",
+                            error=pg_reason(exc))
+            finally:
+                self.listening = False
+            await trio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX_SECS)
+
+    def _poke(self, channel: str) -> None:
+        (self._poked if channel == FEED_CHANNEL else self._progress).set()
+
+    def _listen_blocking(self, token: trio.lowlevel.TrioToken) -> None:
+        with self._connect(self.config.url) as conn:
+            conn.execute(f"LISTEN {FEED_CHANNEL}")
+            conn.execute(f"LISTEN {APPLIED_CHANNEL}")
+            self.listening = True
+            while not self._stopping:
+                for note in conn.notifies(timeout=1.0, stop_after=1):
+                    if note.payload != self.config.node:  # (our own: nothing new)
+                        try:
+                            token.run_sync_soon(self._poke, note.channel)
+                        except trio.RunFinishedError:
+                            return
 
     async def _round(self) -> int:
         """Read and apply the next entries; how many were read. Raises psycopg.Error."""
         began = trio.current_time()
+        self.rounds += 1
         rows = await self._db_call(self._read)
         for entry, node, body in rows:
             if node != self.config.node:
@@ -179,8 +240,14 @@ class Cluster:
 
     def _read(self, db: psycopg.Connection[Any]) -> list[tuple[int, str, bytes]]:
         """The next entries, and (in the same round) how far this node got."""
-        db.execute("UPDATE cluster_nodes SET applied = %s, seen_at = now() WHERE node = %s",
-                   (self.applied, self.config.node))
+        applied, node = self.applied, self.config.node
+        if applied == self._recorded:
+            db.execute("UPDATE cluster_nodes SET seen_at = now() WHERE node = %s", (node,))
+        else:  # progress: the barriers of the nodes that wait for it are woken
+            db.execute("WITH u AS (UPDATE cluster_nodes SET applied = %s, seen_at = now() "
+                       "WHERE node = %s RETURNING node) SELECT pg_notify(%s, node) FROM u",
+                       (applied, node, APPLIED_CHANNEL))
+            self._recorded = applied
         rows = db.execute("SELECT id, node, body FROM cluster_events WHERE id > %s "
                           "ORDER BY id LIMIT %s", (self.applied, BATCH)).fetchall()
         now = time.monotonic()
@@ -230,6 +297,7 @@ class Cluster:
                 self._wake = trio.Event()
                 continue
             highest = max(w.entry for w in self._waiting)
+            self._progress = trio.Event()  # progress from now on wakes the wait below
             try:
                 behind = await self._db_call(partial(self._behind, highest=highest))
             except psycopg.Error as exc:
@@ -248,8 +316,10 @@ class Cluster:
                 else:
                     still.append(w)
             self._waiting = still
-            if still:
-                await trio.sleep(self.config.poll_interval / 2)
+            if still:  # until a node waited for applies more (or, not listening, a while)
+                with trio.move_on_after(0.1 if self.listening
+                                        else self.config.poll_interval / 2):
+                    await self._progress.wait()
 
     def _release(self, w: _Waiting) -> None:
         """New ids: they are in this node's filters since before their COMMIT (storage put

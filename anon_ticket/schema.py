@@ -292,6 +292,11 @@ KNOWN_POSTGRES = tuple(name for name, _ in POSTGRES_MIGRATIONS)
 LOCK_MIGRATE = 0x616E6F6E_0001
 LOCK_POLLER = 0x616E6F6E_0002
 LOCK_EVENTS = 0x616E6F6E_0003
+# NOTIFY channel: a transaction that appends to `cluster_events` wakes the other nodes'
+# followers at its COMMIT (the payload is the writing node's name).
+FEED_CHANNEL = "anon_ticket_feed"
+# ...and a node that applied entries wakes the barriers waiting for it (payload: its name).
+APPLIED_CHANNEL = "anon_ticket_applied"
 
 
 def migrate_postgres(dsn: str) -> list[str]:

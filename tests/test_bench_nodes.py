@@ -339,3 +339,17 @@ def test_the_same_tickets_in_sqlite_and_postgres(tmp_path: Path, pg_dsn: str) ->
     assert lite_claim is not None and pg_claim is not None
     assert (lite_claim[0], lite_claim[1], bytes(lite_claim[2])) == (
         pg_claim[0], pg_claim[1], bytes(pg_claim[2])) == (data.AMOUNT, None, rows[0][1])
+
+
+def test_the_feed_benchmark_reports_both_modes_of_one_run(tmp_path: Path,
+                                                          pg_server: Any) -> None:
+    """(`pg_server`: the binaries are there; the benchmark starts a server of its own.)"""
+    from tests.bench import feed
+
+    out = tmp_path / "feed.json"
+    report = feed.run(reps=1, payments=10, idle_s=0.5, out=out)
+    assert [(r["rep"], r["mode"]) for r in report["runs"]] == [(0, "notify"), (0, "poll")]
+    assert set(report["summary"]) == {"idle_reads_per_s", "ack_ms_median", "ack_ms_p99"}
+    for figures in report["summary"].values():
+        assert figures["notify"] > 0 and figures["poll"] > 0
+    assert out.read_text().startswith("{")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,7 @@ class Core:
     db_path: Path
     hub: Mailbox[Any]
     pg: str | None = None
+    made: dict[str, Any] = field(default_factory=dict)  # the latest instance of an actor
 
     async def pay(self, pid: PaymentId, amount: int = 10**12, height: int = 100,
                   txid: bytes | None = None) -> Any:
@@ -96,7 +97,7 @@ async def run_core(tmp_path: Path, *, on_open: Callable[[apsw.Connection], None]
                    storage_factory: Callable[..., Storage] = Storage, batch_limit: int = 256,
                    bloom_entries: int = 10_000, intensity: int = 5, pg: str | None = None,
                    node: str = "node-a", cluster: bool = False, secret: bytes = b"s" * 32,
-                   trust_secs: float = 2.0) -> AsyncIterator[Core]:
+                   trust_secs: float = 2.0, **cluster_options: Any) -> AsyncIterator[Core]:
     """With `pg`, PostgreSQL's storage actor (and, with `cluster`, the node's cluster actor
     after the filter, as in the tree)."""
     db = tmp_path / "anon-ticket.db"
@@ -115,18 +116,23 @@ async def run_core(tmp_path: Path, *, on_open: Callable[[apsw.Connection], None]
         pg_cfg = PgConfig(pg, node)
         storage_factory = partial(PgStorage, pg=pg_cfg,
                                   cluster=cmb if cluster else None)
+    made: dict[str, Any] = {}
     children = [
         ChildSpec("storage", lambda: storage_factory(scfg, smb, fmb, metrics, on_open=on_open),
                   smb),
         ChildSpec("filter", lambda: Filter(fcfg, fmb, metrics, smb, hub=hmb), fmb),
     ]
     if pg is not None and cluster:
-        ccfg = ClusterConfig(pg, node, trust_secs=trust_secs)
-        children.append(ChildSpec("cluster", lambda: Cluster(ccfg, cmb, fmb, metrics), cmb))
+        ccfg = ClusterConfig(pg, node, trust_secs=trust_secs, **cluster_options)
+        def make_cluster() -> Cluster:
+            made["cluster"] = actor = Cluster(ccfg, cmb, fmb, metrics)
+            return actor
+
+        children.append(ChildSpec("cluster", make_cluster, cmb))
     children.append(ChildSpec("hub", lambda: Hub(hmb, metrics), hmb))
     sup = Supervisor("core", children, strategy=Strategy.REST_FOR_ONE, intensity=intensity,
                      period=30, backoff=Backoff(0.05, 0.2), grace=1)
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
-        yield Core(smb, fmb, metrics, sup, db, hmb, pg)
+        yield Core(smb, fmb, metrics, sup, db, hmb, pg, made)
         sup.request_stop("test over")

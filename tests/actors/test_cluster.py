@@ -77,13 +77,67 @@ async def test_without_the_barrier_the_other_node_can_be_behind(
     """The previous test's property is the barrier's doing: storage answering directly (no
     cluster actor on node a) lets node b miss ids it is asked about right away."""
     async with run_core(tmp_path / "a", pg=pg_dsn, node="a") as a, \
-            run_core(tmp_path / "b", pg=pg_dsn, node="b", cluster=True) as b:
+            run_core(tmp_path / "b", pg=pg_dsn, node="b", cluster=True, listen=False) as b:
+        # (b polls: notifications would only narrow the window, not close it)
         missed = 0
         for _ in range(20):
             pid = PaymentId.generate()
             await a.pay(pid)
             missed += await b.filter.ask(Lookup(pid), 5) is Presence.ABSENT
         assert missed > 0
+
+
+async def test_a_commit_wakes_the_other_nodes_and_an_idle_node_reads_rarely(
+        tmp_path: Path, pg_dsn: str) -> None:
+    """Each entry's COMMIT notifies the other nodes' followers, so they apply it at once
+    though they read the feed only every `idle_interval` (here 5 s) when nothing happens."""
+    slow = {"idle_interval": 5.0, "trust_secs": 30.0}
+    async with run_core(tmp_path / "a", pg=pg_dsn, node="a", cluster=True, **slow) as a, \
+            run_core(tmp_path / "b", pg=pg_dsn, node="b", cluster=True, **slow) as b:
+        followers = [a.made["cluster"], b.made["cluster"]]
+        with trio.fail_after(5):
+            while not all(f.listening for f in followers):
+                await trio.sleep(0.01)
+        await trio.sleep(0.2)  # (reads that were under way when listening began)
+        idle = [f.rounds for f in followers]
+        await trio.sleep(1.0)
+        assert [f.rounds for f in followers] == idle  # nothing committed: nothing read
+        for _ in range(10):
+            pid = PaymentId.generate()
+            started = trio.current_time()
+            await a.pay(pid)  # answered once b has applied it: b was woken, not polling
+            assert trio.current_time() - started < 1.0
+            assert await b.filter.ask(Lookup(pid), 5) is Presence.MAYBE
+
+
+async def test_a_lost_listening_connection_is_made_again_and_polled_around(
+        tmp_path: Path, pg_dsn: str) -> None:
+    async with run_core(tmp_path / "a", pg=pg_dsn, node="a", cluster=True) as a, \
+            run_core(tmp_path / "b", pg=pg_dsn, node="b", cluster=True) as b:
+        follower = b.made["cluster"]
+        with trio.fail_after(5):
+            while not follower.listening:
+                await trio.sleep(0.01)
+
+        def end_listeners() -> int:
+            with psycopg.connect(pg_dsn, autocommit=True) as admin:
+                return len(admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE query LIKE 'LISTEN %' AND datname = current_database()"
+                ).fetchall())
+
+        assert await trio.to_thread.run_sync(end_listeners) == 2  # a's and b's
+        with trio.fail_after(5):  # noticed within its notifications' 1 s wait
+            while follower.listening:
+                await trio.sleep(0.01)
+        pid = PaymentId.generate()
+        started = trio.current_time()
+        await a.pay(pid)  # b polls meanwhile: no slower than before notifications
+        assert trio.current_time() - started < 1.0
+        assert await b.filter.ask(Lookup(pid), 5) is Presence.MAYBE
+        with trio.fail_after(10):
+            while not follower.listening:
+                await trio.sleep(0.01)
 
 
 async def test_a_top_up_on_one_node_reaches_the_others_cache_before_its_answer(
