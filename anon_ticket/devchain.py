@@ -13,9 +13,11 @@ log), `pids/` (one PID file per child) and, once the chain is ready, `devchain.j
 0600): URLs, addresses and the view key. It is removed on a clean stop.
 
 Children get their own session (a Ctrl-C in the terminal reaches only us, and we stop the
-wallets first so they save) and `PR_SET_PDEATHSIG` = SIGTERM, so they die with their parent even
-when it is killed with SIGKILL. PDEATHSIG fires when the *thread* that forked exits, which is why
-`DevChain.spawn` forks from the main thread and never from a worker thread.
+wallets first so they save). They die with their parent even when it is killed with SIGKILL:
+a small reaper process started before them (`anon_ticket/devreap.py`, with
+`PR_SET_PDEATHSIG` = SIGTERM) then stops them in the same order, SIGKILL after a grace.
+PDEATHSIG fires when the *thread* that forked exits, which is why `DevChain.spawn` forks from
+the main thread and never from a worker thread.
 
 Timings on a 2-core machine: from nothing to a funded dev wallet ~11 s (99 blocks mined,
 RandomX initialisation ~2.5 s); a restart on existing files ~3-5 s.
@@ -31,6 +33,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -43,6 +46,7 @@ import trio
 from monero.seed import Seed
 
 from anon_ticket.children import die_with_parent
+from anon_ticket.devreap import DAEMON, DAEMON_BIN, WALLET_BIN, reap
 from anon_ticket.errors import ConfigError, InvalidInput, RpcCallError, RpcError
 from anon_ticket.logs import get_logger
 from anon_ticket.walletrpc import WATCH_ONLY, JsonRpc
@@ -51,8 +55,6 @@ log = get_logger("devchain")
 
 HOST = "127.0.0.1"
 INFO_FILE = "devchain.json"
-DAEMON_BIN = "monerod"
-WALLET_BIN = "monero-wallet-rpc"
 DEV_WALLET = "dev"
 RECEIVER_WALLET = "receiver"
 WATCH_WALLET = "receiver-watch"
@@ -70,7 +72,6 @@ START_DEADLINE = 90.0
 ATOMIC_PER_XMR = 10**12
 MAX_ATOMIC = 2**64 - 1
 # Child names: PID files are pids/<name>.pid, logs logs/<name>.stdout and logs/<name>.log.
-DAEMON = "monerod"
 WALLET_DEV = "wallet-dev"
 WALLET_WATCH = "wallet-watch"
 
@@ -179,33 +180,6 @@ def xmr_to_atomic(text: str) -> int:
 # --- processes ---------------------------------------------------------------------------------
 
 
-def _proc_cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-
-
-def _is_ours(pid: int, root: Path) -> bool:
-    """Alive, a monero binary, and started for `root` (guards against PID reuse)."""
-    args = _proc_cmdline(pid)  # empty for a zombie or a vanished process
-    if not args or Path(args[0]).name not in (DAEMON_BIN, WALLET_BIN):
-        return False
-    needle = str(root)
-    return any(a == needle or a.startswith(needle + "/") or f"={needle}/" in a for a in args)
-
-
-def _wait_gone(pids: Iterable[int], root: Path, timeout: float) -> list[int]:
-    """Wait until none of `pids` is ours any more; return those still alive at the deadline."""
-    deadline = time.monotonic() + timeout
-    left = [p for p in pids if _is_ours(p, root)]
-    while left and time.monotonic() < deadline:
-        time.sleep(0.1)
-        left = [p for p in left if _is_ours(p, root)]
-    return left
-
-
 def _tail(path: Path, lines: int = 20) -> str:
     try:
         with path.open("rb") as f:
@@ -241,6 +215,7 @@ class DevChain:
         self.info_path = self.root / INFO_FILE
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self._names: dict[int, str] = {}
+        self._reaper: subprocess.Popen[bytes] | None = None
 
     @property
     def daemon_url(self) -> str:
@@ -260,34 +235,16 @@ class DevChain:
     # --- leftovers ---------------------------------------------------------------------------
 
     def reap_leftovers(self, wait: float = 10.0) -> None:
-        """Stop children a previous run left behind (after a kill -9 of a parent that could not
-        pass PDEATHSIG on, or a crash while stopping), by their PID files. A PID is signalled
-        only if it is still a monero binary started for this root."""
-        if not self.pid_dir.is_dir():
-            return
-        files = sorted(self.pid_dir.glob("*.pid"))
-        wallets = [f for f in files if f.name != f"{DAEMON}.pid"]
-        daemon = [f for f in files if f.name == f"{DAEMON}.pid"]
-        for group in (wallets, daemon):  # wallets first: SIGTERM makes them save
-            pids: list[int] = []
-            for f in group:
-                try:
-                    pid = int(f.read_text().strip())
-                except (OSError, ValueError):
-                    continue
-                if _is_ours(pid, self.root):
-                    log.warning("stopping leftover child", child=f.stem, os_pid=pid)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGTERM)
-                    pids.append(pid)
-            for pid in _wait_gone(pids, self.root, wait):
+        """Stop children a previous run left behind (its reaper killed too, or a crash while
+        stopping), by their PID files, as the reaper would: anon_ticket/devreap.py."""
+
+        def say(event: str, child: str, pid: int) -> None:
+            if event == "stopping":
+                log.warning("stopping leftover child", child=child, os_pid=pid)
+            else:
                 log.warning("leftover child ignored SIGTERM, SIGKILL", os_pid=pid)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            _wait_gone(pids, self.root, 5.0)
-            for f in group:
-                with contextlib.suppress(FileNotFoundError):
-                    f.unlink()
+
+        reap(self.root, wallet_grace=wait, daemon_grace=wait, say=say)
         # LMDB re-initialises a lock file nobody holds: daemon/fake/lmdb/lock.mdb stays.
 
     def remove_info(self) -> None:
@@ -336,7 +293,13 @@ class DevChain:
         for d in (self.daemon_dir, self.wallet_dir, self.ringdb_dir, self.log_dir, self.pid_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o700)
-        preexec = die_with_parent(signal.SIGTERM)
+        # The reaper first: from the moment a child has a PID file, a death of this process
+        # stops it (anon_ticket/devreap.py). The children themselves get no death signal: one
+        # to each would stop them all at once, not the wallets first.
+        self._reaper = subprocess.Popen(
+            [sys.executable, "-m", "anon_ticket.devreap", str(self.root)],
+            stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+            preexec_fn=die_with_parent(signal.SIGTERM))
         started: list[subprocess.Popen[bytes]] = []
         try:
             for name, argv in self._commands().items():
@@ -347,8 +310,7 @@ class DevChain:
                     out.flush()
                     proc = subprocess.Popen(
                         argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                        cwd=self.root, start_new_session=True, preexec_fn=preexec,
-                        close_fds=True)
+                        cwd=self.root, start_new_session=True, close_fds=True)
                 finally:
                     out.close()
                 started.append(proc)
@@ -392,6 +354,17 @@ class DevChain:
                 log.debug("child stopped", child=name or p.pid, returncode=p.returncode)
         if not self.children:
             self.remove_info()  # the chain is down: devchain.json no longer describes it
+            self._stand_down_reaper()
+
+    def _stand_down_reaper(self) -> None:
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None and reaper.poll() is None:
+            reaper.send_signal(signal.SIGUSR1)  # stopped cleanly: nothing to reap
+            try:
+                reaper.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                reaper.kill()
+                reaper.wait()
 
     # --- bootstrap ---------------------------------------------------------------------------
 
