@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import trio
 
+from actors.storage import Storage
 from anon_ticket.domain.ids import PaymentId
 from tests.harness import Server, running_server
 from tests.rawhttp import UPGRADE, parse_response, read_response, read_until_closed, text
@@ -328,3 +329,36 @@ async def test_a_watcher_that_floods_and_never_reads_is_closed(tmp_path: Path) -
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
             assert not flooding.cancelled_caught, "still open after 15 s of flooding"
+
+
+class SlowStorage(Storage):
+    """Every batch waits `delay` seconds first (a database under load)."""
+
+    delay = 0.0
+
+    async def _run_transactions(self, groups: Any) -> None:
+        await trio.sleep(self.delay)
+        await super()._run_transactions(groups)
+
+
+async def test_a_request_the_app_answers_slowly_gets_its_answer_not_a_reset(
+        tmp_path: Path) -> None:
+    """The read timeout bounds how long a client may take to send; it does not bound how
+    long the app may take to answer (its request timeout does). A redeem that waited on
+    storage longer than the read timeout was cut off with a reset."""
+    async with running_server(tmp_path, read_timeout_secs=READ_TIMEOUT,
+                              tree_options={"storage_factory": SlowStorage}) as srv:
+        pid = PaymentId.generate()
+        await srv.pay(pid)
+        SlowStorage.delay = READ_TIMEOUT * 1.5
+        try:
+            async with raw(srv) as stream:
+                body = json.dumps({"pid": pid.hex()}).encode()
+                await stream.send_all(
+                    b"POST /api/v1/redeem HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                    b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                with trio.fail_after(READ_TIMEOUT * 5):
+                    head = await read_response(stream)
+        finally:
+            SlowStorage.delay = 0.0
+        assert head.startswith(b"HTTP/1.1 200"), head[:200]
