@@ -18,7 +18,7 @@ import trio
 
 from actors.storage import Storage
 from anon_ticket.domain.ids import PaymentId
-from tests.harness import Server, running_server
+from tests.harness import Server, running_server, sqlite_only
 from tests.rawhttp import UPGRADE, parse_response, read_response, read_until_closed, text
 
 # A masked text frame carrying `{"op":"ping"}`: valid on its own, but sent before the 101.
@@ -341,6 +341,8 @@ class SlowStorage(Storage):
         await super()._run_transactions(groups)
 
 
+@sqlite_only("its slow store is a subclass of the SQLite actor; the HTTP layer it tests is "
+             "the same on both stores")
 async def test_a_request_the_app_answers_slowly_gets_its_answer_not_a_reset(
         tmp_path: Path) -> None:
     """The read timeout bounds how long a client may take to send; it does not bound how
