@@ -375,11 +375,7 @@ class Poller:
 
     async def _check_identity(self) -> None:
         identity = await self.wallet.identity()
-        expected = self.config.expected_primary
-        if expected is not None and identity.primary_address != expected:
-            raise ConfigError([
-                f"the wallet at {self.wallet.url} has primary address "
-                f"{identity.primary_address[:12]}…, not the configured {expected[:12]}…"])
+        identity.check(self.config.expected_primary, self.wallet.url)
         if not identity.watch_only:
             log.warning("the wallet can spend: a watch-only wallet (address + view key) is "
                         "enough and safer")

@@ -21,6 +21,7 @@ import httpx
 
 from anon_ticket.domain.transfers import WalletTransfer
 from anon_ticket.errors import (
+    ConfigError,
     RpcBusy,
     RpcCallError,
     RpcError,
@@ -69,6 +70,13 @@ def _translate(url: str, method: str, timeout: float) -> Iterator[None]:
 class WalletIdentity:
     primary_address: str
     watch_only: bool
+
+    def check(self, expected: str | None, url: str) -> None:
+        """Raise ConfigError (fatal: exit 2) if this is not the configured wallet."""
+        if expected is not None and self.primary_address != expected:
+            raise ConfigError([
+                f"the wallet at {url} has primary address {self.primary_address[:12]}…, "
+                f"not the configured {expected[:12]}…"])
 
 
 class JsonRpc:

@@ -27,7 +27,7 @@ import trio
 
 from anon_ticket.domain.commands import Figures, PausePoller, PollerStatus, RescanFrom, ResumePoller
 from anon_ticket.domain.inboxes import PollerMsg
-from anon_ticket.errors import AnonTicketError, ConfigError, InvalidInput
+from anon_ticket.errors import AnonTicketError, InvalidInput
 from anon_ticket.logs import get_logger
 from anon_ticket.metrics import Metrics
 from anon_ticket.schema import LOCK_POLLER, pg_reason
@@ -162,11 +162,7 @@ class Leadership:
                             error=str(exc), retry_secs=IDENTIFY_RETRY_SECS)
                 await trio.sleep(IDENTIFY_RETRY_SECS)
                 continue
-            expected = self.expected_primary
-            if expected is not None and identity.primary_address != expected:
-                raise ConfigError([  # fatal, as the poller's own check (exit 2)
-                    f"the wallet has primary address {identity.primary_address[:12]}…, not "
-                    f"the configured {expected[:12]}…"])
+            identity.check(self.expected_primary, "this node's wallet")  # fatal: exit 2
             log.info("standby: wallet identified", node=self.node,
                      primary_address=identity.primary_address, watch_only=identity.watch_only)
             self.identity = identity
